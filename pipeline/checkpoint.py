@@ -1,0 +1,58 @@
+"""Checkpoint format shared by training, evaluation, export and prediction.
+
+A checkpoint is a ``torch.save`` dict::
+
+    {"state_dict": ..., "model_cfg": {...}, "classes": [...], "image_size": int,
+     "epoch": int, "meta": {...}}
+
+``model_cfg`` is the model's config group (``conf/model/<name>.yaml``) exactly as trained, so a
+checkpoint rebuilds its model without the params file that produced it.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+
+def save_checkpoint(path: str | Path, model: nn.Module, *, model_cfg: dict, classes: list[str],
+                    image_size: int, **extra: Any) -> None:
+    """Write a checkpoint atomically (temporary file + rename), so a killed run never leaves a
+    truncated file that a later run would load."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    payload = {"state_dict": {k: v.detach().cpu() for k, v in model.state_dict().items()},
+               "model_cfg": model_cfg, "classes": list(classes), "image_size": int(image_size),
+               **extra}
+    tmp = path.with_suffix(path.suffix + ".tmp")
+    torch.save(payload, tmp)
+    os.replace(tmp, path)
+
+
+def load_checkpoint(path: str | Path) -> dict:
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"checkpoint {path} does not exist: run the train stage first "
+                                f"(dvc repro) or pass the path of a trained model")
+    return torch.load(path, map_location="cpu", weights_only=False)
+
+
+def load_model(path: str | Path) -> tuple[nn.Module, dict]:
+    """Rebuild the trained model of a checkpoint, in eval mode, on the CPU.
+
+    Returns:
+        The model and the checkpoint dict (without its state dict).
+    """
+    from pipeline.models import build_model
+
+    ckpt = load_checkpoint(path)
+    cfg = dict(ckpt["model_cfg"])
+    cfg["pretrained"] = "none"  # the trained weights below replace any initialisation
+    model = build_model(cfg, num_classes=len(ckpt["classes"]))
+    model.load_state_dict(ckpt.pop("state_dict"))
+    model.eval()
+    return model, ckpt

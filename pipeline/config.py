@@ -1,0 +1,136 @@
+"""Loading the pipeline's configuration.
+
+``conf/`` is the Hydra source of truth; ``dvc exp run`` composes it into ``params.yaml``
+(``hydra.enabled``), and every stage reads ``params.yaml`` so that ``-S`` overrides reach it.
+``compose`` is the same composition in-process, for tests and for running a module outside DVC.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import yaml
+from omegaconf import DictConfig, OmegaConf
+
+PROJECT_ROOT = Path(__file__).resolve().parent.parent
+CONF_DIR = PROJECT_ROOT / "conf"
+
+
+class ConfigError(ValueError):
+    """A configuration key or value that the pipeline cannot run with."""
+
+
+def compose(overrides: Sequence[str] = (), conf_dir: str | Path = CONF_DIR) -> dict:
+    """Compose ``conf/config.yaml`` with Hydra overrides, as ``dvc exp run -S`` does.
+
+    Raises:
+        ConfigError: an override names an unknown group option or key; the message lists the
+            valid choices.
+    """
+    from hydra import compose as hydra_compose
+    from hydra import initialize_config_dir
+    from hydra.errors import ConfigCompositionException, MissingConfigException
+
+    try:
+        with initialize_config_dir(config_dir=str(Path(conf_dir).resolve()), version_base=None):
+            cfg = hydra_compose(config_name="config", overrides=list(overrides))
+    except (ConfigCompositionException, MissingConfigException) as exc:
+        raise ConfigError(f"cannot compose {conf_dir} with overrides {list(overrides)}: "
+                          f"{exc}{_group_choices(exc, conf_dir)}") from exc
+    return OmegaConf.to_container(cfg, resolve=True)  # type: ignore[return-value]
+
+
+def _group_choices(exc: Exception, conf_dir: str | Path) -> str:
+    groups = sorted(p.name for p in Path(conf_dir).iterdir() if p.is_dir())
+    lines = []
+    for group in groups:
+        if group in str(exc):
+            options = sorted(p.stem for p in (Path(conf_dir) / group).glob("*.yaml"))
+            lines.append(f"valid choices for '{group}': {', '.join(options)}")
+    return ("\n" + "\n".join(lines)) if lines else ""
+
+
+def load_params(path: str | Path = "params.yaml") -> dict:
+    """Read the composed parameters that DVC tracks."""
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"{path} not found: run from the project root, or compose it with "
+                          f"`dvc exp run` / `python -m pipeline.config > params.yaml`")
+    with path.open() as f:
+        return yaml.safe_load(f)
+
+
+def get(params: Mapping, dotted: str) -> Any:
+    """``params['a']['b']`` for ``'a.b'``, with an error that lists the keys available."""
+    node: Any = params
+    walked = []
+    for part in dotted.split("."):
+        if not isinstance(node, Mapping) or part not in node:
+            where = ".".join(walked) or "<top level>"
+            valid = ", ".join(sorted(map(str, node))) if isinstance(node, Mapping) else "none"
+            raise ConfigError(f"unknown config key '{dotted}': '{part}' is not under {where} "
+                              f"(valid keys: {valid})")
+        node = node[part]
+        walked.append(part)
+    return node
+
+
+def apply_overrides(params: dict, overrides: Sequence[str]) -> dict:
+    """Apply ``key.path=value`` overrides to existing keys only (a typo is an error, not a new key)."""
+    cfg = OmegaConf.create(params)
+    for item in overrides:
+        if "=" not in item:
+            raise ConfigError(f"override '{item}' is not of the form key=value")
+        key, value = item.split("=", 1)
+        get(params, key)  # raises with the valid keys if the key does not exist
+        OmegaConf.update(cfg, key, yaml.safe_load(value), merge=False)
+    return OmegaConf.to_container(cfg, resolve=True)  # type: ignore[return-value]
+
+
+def select_run(params: Mapping, model: str, loss: str) -> tuple[dict, dict]:
+    """The model and loss configs of one grid cell."""
+    models, losses = get(params, "models"), get(params, "losses")
+    if model not in models:
+        raise ConfigError(f"unknown model '{model}' (valid: {', '.join(sorted(models))})")
+    if loss not in losses:
+        raise ConfigError(f"unknown loss '{loss}' (valid: {', '.join(sorted(losses))})")
+    return dict(models[model]), dict(losses[loss])
+
+
+def main_repo_root(start: str | Path | None = None) -> Path:
+    """The user's checkout, also from inside a ``dvc exp run --temp/--queue`` workspace.
+
+    Queued and temporary experiments run in a copy under ``<repo>/.dvc/tmp/exps/`` that DVC
+    deletes afterwards; anything meant to outlive the run (the MLflow store, data sources given
+    relative to the project) must resolve against the checkout that holds that copy.
+    """
+    here = Path(start or os.environ.get("DVC_ROOT") or Path.cwd()).resolve()
+    parts = here.parts
+    for i in range(len(parts) - 3):
+        if parts[i:i + 3] == (".dvc", "tmp", "exps"):
+            return Path(*parts[:i])
+    return here
+
+
+def resolve_path(path: str | Path, root: str | Path | None = None) -> Path:
+    """Resolve a path from params against the user's checkout (see ``main_repo_root``), so a
+    stage behaves the same from any directory and inside queued experiments."""
+    p = Path(os.path.expanduser(str(path)))
+    if p.is_absolute():
+        return p
+    return Path(root) / p if root else main_repo_root() / p
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    """Print the composed config as YAML: ``python -m pipeline.config [overrides...] > params.yaml``."""
+    import sys
+
+    args = list(sys.argv[1:] if argv is None else argv)
+    print(yaml.safe_dump(compose(args), sort_keys=False), end="")
+
+
+if __name__ == "__main__":
+    main()

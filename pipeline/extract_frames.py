@@ -1,0 +1,365 @@
+"""Stage ``extract_frames``: videos and still images -> frame images + a manifest.
+
+The study's rule (Mini-COVIDNet, after POCOVID-Net): keep every ``int(fps / rate_hz)``-th frame,
+at most ``max_frames`` per video; a still image is one frame. Every file under the media folders
+gets at least one manifest row: a row per frame kept, or one row saying why the file gave none
+(``excluded`` by the selection, or ``skipped`` because it could not be used), so no input file
+vanishes from the accounting.
+"""
+
+from __future__ import annotations
+
+import csv
+import logging
+import math
+import re
+import sys
+import time
+from collections import Counter
+from collections.abc import Mapping, Sequence
+from concurrent.futures import ProcessPoolExecutor
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import cv2
+import numpy as np
+import pandas as pd
+
+from pipeline.config import get, load_params
+
+log = logging.getLogger("pipeline.extract_frames")
+
+VIDEO_EXTS = {".mp4", ".mov", ".avi", ".mpeg", ".mpg", ".gif", ".m4v", ".webm", ".mkv"}
+IMAGE_EXTS = {".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp"}
+MANIFEST_COLUMNS = ["frame", "source", "class", "label", "probe", "kind", "patient",
+                    "frame_index", "time_s", "fps", "width", "height", "status", "reason"]
+
+
+class ExtractionError(RuntimeError):
+    """A selected input file could not be turned into frames (strict mode)."""
+
+
+@dataclass
+class InputFile:
+    """One file under the media folders and what the selection decided about it."""
+
+    source: str                 # path relative to the raw folder
+    kind: str                   # video | image | other
+    probe: str
+    cls: str | None = None      # class name, None if not selected
+    label: int = -1
+    patient: str = ""
+    fps_hint: float | None = None
+    excluded: str = ""          # reason the selection left it out ("" = selected)
+
+
+@dataclass
+class Result:
+    source: str
+    rows: list[dict] = field(default_factory=list)
+    error: str = ""
+
+
+def sample_indices(n_frames: int, fps: float, rate_hz: float, max_frames: int) -> list[int]:
+    """Frame indices the study keeps: every ``int(fps / rate_hz)``-th frame, at most ``max_frames``.
+
+    A video slower than ``rate_hz`` keeps every frame (step 1).
+    """
+    step = max(1, int(fps / rate_hz))
+    return list(range(0, n_frames, step))[:max_frames]
+
+
+def to_rgb8(img: np.ndarray) -> np.ndarray:
+    """Any decoded image (grayscale, BGR, BGRA, 16-bit) -> 8-bit 3-channel BGR for writing."""
+    if img.dtype == np.uint16:
+        img = (img / 257.0).round().astype(np.uint8)
+    elif img.dtype != np.uint8:
+        lo, hi = float(np.min(img)), float(np.max(img))
+        img = ((img - lo) / (hi - lo or 1.0) * 255).round().astype(np.uint8)
+    if img.ndim == 2:
+        return cv2.cvtColor(img, cv2.COLOR_GRAY2BGR)
+    if img.shape[2] == 4:
+        # Composite transparency on black, the background of ultrasound frames.
+        alpha = img[:, :, 3:4].astype(np.float32) / 255.0
+        return (img[:, :, :3].astype(np.float32) * alpha).round().astype(np.uint8)
+    if img.shape[2] == 1:
+        return cv2.cvtColor(img[:, :, 0], cv2.COLOR_GRAY2BGR)
+    return img
+
+
+def _resize_max_side(img: np.ndarray, max_side: int | None) -> np.ndarray:
+    h, w = img.shape[:2]
+    if not max_side or max(h, w) <= max_side:
+        return img
+    scale = max_side / max(h, w)
+    return cv2.resize(img, (max(1, round(w * scale)), max(1, round(h * scale))),
+                      interpolation=cv2.INTER_AREA)
+
+
+def _frame_name(source: str, index: int) -> str:
+    stem = re.sub(r"[^A-Za-z0-9_.+-]", "_", Path(source).with_suffix("").as_posix().replace("/", "__"))
+    return f"{stem}__f{index:05d}.jpg"
+
+
+def _write(img: np.ndarray, out_dir: Path, name: str, max_side: int | None, quality: int) -> None:
+    ok = cv2.imwrite(str(out_dir / name), _resize_max_side(img, max_side),
+                     [cv2.IMWRITE_JPEG_QUALITY, quality])
+    if not ok:
+        raise OSError(f"could not write frame {out_dir / name}")
+
+
+def process_file(item: InputFile, raw_dir: str, out_dir: str, rate_hz: float, max_frames: int,
+                 max_side: int | None, quality: int = 95) -> Result:
+    """Decode one selected file and write its frames. Errors are returned, not raised, so the
+    caller decides (strict or skip) with the whole picture."""
+    path = Path(raw_dir) / item.source
+    res = Result(item.source)
+    base = {"source": item.source, "class": item.cls, "label": item.label, "probe": item.probe,
+            "kind": item.kind, "patient": item.patient, "status": "used", "reason": ""}
+    try:
+        if path.stat().st_size == 0:
+            res.error = "empty file (0 bytes)"
+            return res
+        if item.kind == "image":
+            img = cv2.imread(str(path), cv2.IMREAD_UNCHANGED)
+            if img is None:
+                res.error = "not a readable image (OpenCV could not decode it)"
+                return res
+            img = to_rgb8(img)
+            name = _frame_name(item.source, 0)
+            _write(img, Path(out_dir), name, max_side, quality)
+            res.rows.append({**base, "frame": name, "frame_index": 0, "time_s": 0.0, "fps": "",
+                             "width": img.shape[1], "height": img.shape[0]})
+            return res
+        cap = cv2.VideoCapture(str(path))
+        try:
+            if not cap.isOpened():
+                res.error = "not a decodable video (OpenCV/FFmpeg could not open it)"
+                return res
+            fps = cap.get(cv2.CAP_PROP_FPS)
+            if not (fps and math.isfinite(fps) and 0 < fps <= 240):
+                fps = item.fps_hint or 0.0
+            if not fps:
+                res.error = "unknown frame rate (container gives none and metadata has none)"
+                return res
+            step = max(1, int(fps / rate_hz))
+            index = 0
+            while len(res.rows) < max_frames:
+                ok, frame = cap.read()
+                if not ok:
+                    break
+                if index % step == 0:
+                    frame = to_rgb8(frame)
+                    name = _frame_name(item.source, index)
+                    _write(frame, Path(out_dir), name, max_side, quality)
+                    res.rows.append({**base, "frame": name, "frame_index": index,
+                                     "time_s": round(index / fps, 4), "fps": round(fps, 3),
+                                     "width": frame.shape[1], "height": frame.shape[0]})
+                index += 1
+        finally:
+            cap.release()
+        if not res.rows:
+            res.error = "video has no decodable frame"
+    except (OSError, cv2.error) as exc:
+        res.error = f"{type(exc).__name__}: {exc}"
+    return res
+
+
+def patient_id(stem: str, metadata_patient: Mapping[str, str], rules: Sequence[Mapping]) -> str:
+    """Group id of a file: the metadata's patient id, else the first matching name rule, else
+    the file itself (one video = one patient, the safe default)."""
+    if stem in metadata_patient:
+        return metadata_patient[stem]
+    for rule in rules:
+        m = re.match(rule["pattern"], stem)
+        if m:
+            return "name:" + m.expand(rule["group"])
+    return "file:" + stem
+
+
+def read_metadata(path: Path, filename_col: str, patient_col: str, fps_col: str
+                  ) -> tuple[dict[str, str], dict[str, float]]:
+    """Patient ids and frame rates by file stem from the dataset's metadata CSV."""
+    if not path.is_file():
+        log.warning("no metadata file %s: patients come from file-name rules", path)
+        return {}, {}
+    meta = pd.read_csv(path, dtype=str)
+    for col in (filename_col, patient_col):
+        if col not in meta.columns:
+            raise ExtractionError(f"{path}: column '{col}' missing (columns: {list(meta.columns)})")
+    patients, fps = {}, {}
+    for _, row in meta.iterrows():
+        stem = str(row[filename_col]).strip()
+        pid = row[patient_col]
+        if isinstance(pid, str) and pid.strip():
+            pid = pid.strip()
+            pid = pid[:-2] if pid.endswith(".0") else pid
+            patients[stem] = f"meta:{pid}"
+        if fps_col in meta.columns:
+            try:
+                value = float(row[fps_col])
+                if math.isfinite(value) and value > 0:
+                    fps[stem] = value
+            except (TypeError, ValueError):
+                pass
+    return patients, fps
+
+
+def classify(stem: str, classes: Mapping[str, Sequence[str]], ignore: Sequence[str]) -> str | None:
+    """Class name from the file-name prefix; ``None`` for a known-but-unused prefix."""
+    for name, prefixes in classes.items():
+        if any(stem.startswith(p) for p in prefixes):
+            return name
+    if any(stem.startswith(p) for p in ignore):
+        return None
+    raise KeyError(stem)
+
+
+def inventory(raw_dir: Path, ds: Mapping) -> list[InputFile]:
+    """Every file under the media folders, with the selection's decision about each."""
+    classes = get(ds, "classes")
+    class_names = list(classes)
+    metadata_patient, metadata_fps = read_metadata(
+        raw_dir / ds["metadata"]["file"], ds["metadata"]["filename_column"],
+        ds["metadata"]["patient_column"], ds["metadata"]["fps_column"])
+    items = []
+    for folder, kind in ((ds["video_dir"], "video"), (ds["image_dir"], "image")):
+        root = raw_dir / folder
+        if not root.is_dir():
+            log.warning("media folder %s does not exist", root)
+            continue
+        for path in sorted(p for p in root.rglob("*") if p.is_file()):
+            rel = path.relative_to(raw_dir).as_posix()
+            sub = path.relative_to(root).parts
+            probe = sub[0] if len(sub) > 1 else ""
+            stem = path.stem
+            ext = path.suffix.lower()
+            real_kind = kind if ext in (VIDEO_EXTS if kind == "video" else IMAGE_EXTS) else (
+                "image" if ext in IMAGE_EXTS else "video" if ext in VIDEO_EXTS else "other")
+            item = InputFile(rel, real_kind, probe, patient=patient_id(
+                stem, metadata_patient, ds.get("patient_rules", [])), fps_hint=metadata_fps.get(stem))
+            if real_kind == "other":
+                item.excluded = f"not a video or image ({ext or 'no extension'})"
+            elif len(sub) > 2:
+                item.excluded = f"in sub-folder '{'/'.join(sub[1:-1])}' (e.g. label uncertain)"
+            elif probe not in ds["probes"]:
+                item.excluded = f"probe '{probe}' not selected (dataset.probes={list(ds['probes'])})"
+            elif real_kind == "image" and not ds["include_images"]:
+                item.excluded = "still images not selected (dataset.include_images=false)"
+            else:
+                try:
+                    cls = classify(stem, classes, ds.get("ignore_prefixes", []))
+                except KeyError:
+                    item.excluded = (f"file-name prefix maps to no class (classes: "
+                                     f"{dict(classes)}; ignored: {list(ds.get('ignore_prefixes', []))})")
+                    item.kind = "unlabelled:" + real_kind
+                else:
+                    if cls is None:
+                        item.excluded = "class not selected (dataset.ignore_prefixes)"
+                    else:
+                        item.cls, item.label = cls, class_names.index(cls)
+            items.append(item)
+    return items
+
+
+def extract(raw_dir: Path, out_dir: Path, ds: Mapping, *, workers: int = 1,
+            strict: bool = True) -> pd.DataFrame:
+    """Run the extraction over ``raw_dir`` and return the manifest (also for excluded files).
+
+    Raises:
+        ExtractionError: in strict mode, any selected file that gives no frame, or a selected
+            class that ends up empty; the message names the files and the fix.
+    """
+    items = inventory(raw_dir, ds)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    rows: list[dict] = []
+    problems: list[str] = []
+    selected = [i for i in items if not i.excluded]
+    for item in items:
+        if item.excluded:
+            kind = item.kind.removeprefix("unlabelled:")
+            status = "skipped" if item.kind.startswith("unlabelled:") else "excluded"
+            if status == "skipped":
+                problems.append(f"{item.source}: {item.excluded}")
+            rows.append({"frame": "", "source": item.source, "class": item.cls or "", "label": -1,
+                         "probe": item.probe, "kind": kind, "patient": item.patient,
+                         "frame_index": "", "time_s": "", "fps": "", "width": "", "height": "",
+                         "status": status, "reason": item.excluded})
+    started = time.monotonic()
+    args = (str(raw_dir), str(out_dir), float(ds["rate_hz"]), int(ds["max_frames"]),
+            ds.get("frame_max_side"))
+    if workers > 1:
+        with ProcessPoolExecutor(max_workers=workers) as pool:
+            futures = [pool.submit(process_file, item, *args) for item in selected]
+            results = []
+            for n, fut in enumerate(futures, 1):
+                results.append(fut.result())
+                if n % 20 == 0 or n == len(futures):
+                    log.info("decoded %d/%d files (%.0f s)", n, len(futures), time.monotonic() - started)
+    else:
+        results = []
+        for n, item in enumerate(selected, 1):
+            results.append(process_file(item, *args))
+            if n % 20 == 0 or n == len(selected):
+                log.info("decoded %d/%d files (%.0f s)", n, len(selected), time.monotonic() - started)
+    for item, res in zip(selected, results):
+        if res.error:
+            problems.append(f"{item.source}: {res.error}")
+            rows.append({"frame": "", "source": item.source, "class": item.cls, "label": item.label,
+                         "probe": item.probe, "kind": item.kind, "patient": item.patient,
+                         "frame_index": "", "time_s": "", "fps": "", "width": "", "height": "",
+                         "status": "skipped", "reason": res.error})
+        rows.extend(res.rows)
+    manifest = pd.DataFrame(rows, columns=MANIFEST_COLUMNS)
+    used = manifest[manifest.status == "used"]
+    for cls in get(ds, "classes"):
+        if not (used["class"] == cls).any():
+            problems.append(f"class '{cls}' has no frame after the selection "
+                            f"(probes={list(ds['probes'])}): widen the selection or drop the class")
+    if problems:
+        msg = "\n  ".join(problems)
+        if strict:
+            # Frames already written stay; DVC discards outputs of a failed stage.
+            raise ExtractionError(f"{len(problems)} input problem(s):\n  {msg}\n"
+                                  "Fix or remove the files, or set dataset.strict=false to skip "
+                                  "them (each skip is recorded in the manifest).")
+        log.warning("skipped %d input(s) (recorded in the manifest):\n  %s", len(problems), msg)
+    check_accounting(items, manifest)
+    return manifest
+
+
+def check_accounting(items: Sequence[InputFile], manifest: pd.DataFrame) -> None:
+    """Every input file appears in the manifest (the invariant the stage guarantees)."""
+    missing = {i.source for i in items} - set(manifest["source"])
+    if missing:
+        raise AssertionError(f"input files missing from the manifest: {sorted(missing)}")
+
+
+def summary(manifest: pd.DataFrame) -> dict:
+    used = manifest[manifest.status == "used"]
+    return {
+        "frames": int(len(used)),
+        "frames_per_class": {k: int(v) for k, v in Counter(used["class"]).items()},
+        "files_per_class": {k: int(v) for k, v in used.groupby("class")["source"].nunique().items()},
+        "patients": int(used["patient"].nunique()),
+        "files": {s: int(n) for s, n in manifest.drop_duplicates("source")["status"].value_counts().items()},
+    }
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    import json
+
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    params = load_params()
+    ds = get(params, "dataset")
+    out_dir = Path(ds["frames_dir"])
+    manifest = extract(Path(ds["raw_dir"]), out_dir, ds, workers=int(ds["workers"]),
+                       strict=bool(ds["strict"]))
+    manifest.to_csv(out_dir / "manifest.csv", index=False, quoting=csv.QUOTE_MINIMAL)
+    info = summary(manifest)
+    Path(ds["frames_summary"]).write_text(json.dumps(info, indent=2) + "\n")
+    log.info("frames: %s", info)
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])

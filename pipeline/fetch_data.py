@@ -1,0 +1,136 @@
+"""Stage ``fetch_data``: bring the dataset into ``data/raw/`` and verify it.
+
+Sources are tried in order: a local folder laid out like upstream's ``data/`` folder, or an
+http(s) URL of an archive (tar.gz / zip) that contains such a folder. Only the files of the
+committed SHA-256 list are taken, and each must match; a source with a missing or altered file
+is rejected with the file named, and the next source is tried.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import shutil
+import sys
+import tarfile
+import tempfile
+import urllib.request
+import zipfile
+from collections.abc import Sequence
+from pathlib import Path
+
+from pipeline.config import get, load_params, resolve_path
+
+log = logging.getLogger("pipeline.fetch_data")
+
+
+class DataSourceError(RuntimeError):
+    """No source could provide the dataset as the checksum list describes it."""
+
+
+def read_checksums(path: str | Path) -> dict[str, str]:
+    """Parse a ``sha256sum``-style list into ``{relative path: hex digest}``."""
+    sums: dict[str, str] = {}
+    for lineno, line in enumerate(Path(path).read_text().splitlines(), 1):
+        if not line.strip():
+            continue
+        digest, _, name = line.partition("  ")
+        if len(digest) != 64 or not name:
+            raise DataSourceError(f"{path}:{lineno}: not a '<sha256>  <path>' line: {line!r}")
+        sums[name.removeprefix("./")] = digest
+    return sums
+
+
+def sha256(path: Path, chunk: int = 1 << 20) -> str:
+    h = hashlib.sha256()
+    with path.open("rb") as f:
+        while block := f.read(chunk):
+            h.update(block)
+    return h.hexdigest()
+
+
+def verify_folder(folder: Path, checksums: dict[str, str]) -> list[str]:
+    """Problems found in ``folder`` against the list: missing or altered files (empty if none)."""
+    problems = []
+    for name, digest in checksums.items():
+        f = folder / name
+        if not f.is_file():
+            problems.append(f"missing file {name}")
+        elif sha256(f) != digest:
+            problems.append(f"altered file {name} (sha256 differs from the committed list)")
+    return problems
+
+
+def _download(url: str, workdir: Path) -> Path:
+    """Download and unpack an archive; return the folder inside it that holds the data."""
+    archive = workdir / Path(url.split("?")[0]).name
+    log.info("downloading %s", url)
+    with urllib.request.urlopen(url, timeout=60) as resp, archive.open("wb") as out:  # noqa: S310
+        shutil.copyfileobj(resp, out)
+    unpacked = workdir / "unpacked"
+    if zipfile.is_zipfile(archive):
+        with zipfile.ZipFile(archive) as z:
+            z.extractall(unpacked)
+    else:
+        with tarfile.open(archive) as t:
+            t.extractall(unpacked, filter="data")
+    candidates = sorted(p.parent for p in unpacked.rglob("dataset_metadata.csv"))
+    if not candidates:
+        raise DataSourceError(f"{url}: the archive holds no dataset_metadata.csv")
+    return candidates[0]
+
+
+def fetch(sources: Sequence[str], checksums: dict[str, str], dest: Path) -> dict:
+    """Copy the listed files from the first source that has all of them intact.
+
+    Returns:
+        A record of the source used and the files taken.
+
+    Raises:
+        DataSourceError: every source failed; the message gives each source's reason.
+    """
+    failures = []
+    for source in sources:
+        with tempfile.TemporaryDirectory() as tmp:
+            try:
+                if source.startswith(("http://", "https://")):
+                    folder = _download(source, Path(tmp))
+                else:
+                    folder = resolve_path(source)
+                    if not folder.is_dir():
+                        raise DataSourceError(f"folder {folder} does not exist")
+                problems = verify_folder(folder, checksums)
+                if problems:
+                    shown = "; ".join(problems[:5]) + (f"; and {len(problems) - 5} more"
+                                                        if len(problems) > 5 else "")
+                    raise DataSourceError(shown)
+            except (OSError, DataSourceError, tarfile.TarError, zipfile.BadZipFile) as exc:
+                log.warning("source %s rejected: %s", source, exc)
+                failures.append(f"  {source}: {exc}")
+                continue
+            if dest.exists():
+                shutil.rmtree(dest)
+            for name in checksums:
+                target = dest / name
+                target.parent.mkdir(parents=True, exist_ok=True)
+                shutil.copyfile(folder / name, target)
+            total = sum((dest / n).stat().st_size for n in checksums)
+            log.info("took %d files (%.1f MB) from %s", len(checksums), total / 1e6, source)
+            return {"source": source, "files": len(checksums), "bytes": total}
+    raise DataSourceError("no data source could provide the dataset:\n" + "\n".join(failures)
+                          + "\nFix a source in params (dataset.sources) or restore the file.")
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    params = load_params()
+    ds = get(params, "dataset")
+    checksums = read_checksums(resolve_path(get(ds, "checksums"), root=Path.cwd()))
+    record = fetch(get(ds, "sources"), checksums, Path(get(ds, "raw_dir")))
+    Path("data").mkdir(exist_ok=True)
+    Path("data/fetch.json").write_text(json.dumps(record, indent=2) + "\n")
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])

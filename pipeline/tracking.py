@@ -1,0 +1,146 @@
+"""MLflow tracking that never costs a run its outputs.
+
+The store defaults to an embedded SQLite database in the user's checkout (``mlruns/mlflow.db``,
+artifacts beside it), resolved through ``main_repo_root`` so that runs from
+``dvc exp run --queue/--temp`` (which work in a copy DVC deletes) land in the main store. If the
+store is unreachable or read-only, training goes on and says that tracking was skipped, unless
+``tracking.required`` is set.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import subprocess
+from collections.abc import Mapping
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any, Iterator
+
+from pipeline.config import main_repo_root
+
+# Set before mlflow is imported anywhere: no telemetry from a reproducible pipeline.
+os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
+os.environ.setdefault("DO_NOT_TRACK", "true")
+os.environ.setdefault("DVC_NO_ANALYTICS", "1")
+
+log = logging.getLogger("pipeline.tracking")
+
+
+class TrackingError(RuntimeError):
+    """The MLflow store could not be used and ``tracking.required`` is set."""
+
+
+def store_location(uri: str | None) -> tuple[str, str | None]:
+    """Tracking URI and artifact root: the configured URI, or the embedded default."""
+    if uri:
+        return uri, None
+    root = main_repo_root() / "mlruns"
+    return f"sqlite:///{root / 'mlflow.db'}", (root / "artifacts").as_uri()
+
+
+def flatten(d: Mapping, prefix: str = "") -> dict[str, Any]:
+    """Nested params -> ``a.b.c`` keys (``log_params`` does not flatten)."""
+    out: dict[str, Any] = {}
+    for k, v in d.items():
+        key = f"{prefix}{k}"
+        if isinstance(v, Mapping):
+            out.update(flatten(v, key + "."))
+        elif isinstance(v, (list, tuple)):
+            out[key] = json.dumps(v)
+        else:
+            out[key] = v
+    return out
+
+
+def git_revision() -> str:
+    try:
+        return subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True,
+                              check=True, cwd=main_repo_root()).stdout.strip()
+    except (OSError, subprocess.CalledProcessError):
+        return "unknown"
+
+
+class Tracker:
+    """A parent run with child runs; every call is a no-op once tracking is disabled."""
+
+    def __init__(self, cfg: Mapping):
+        self.required = bool(cfg.get("required", False))
+        self.enabled = True
+        self.reason = ""
+        try:
+            import mlflow
+
+            self.mlflow = mlflow
+            uri, artifacts = store_location(cfg.get("uri"))
+            if uri.startswith("sqlite:///"):
+                Path(uri.removeprefix("sqlite:///")).parent.mkdir(parents=True, exist_ok=True)
+            mlflow.set_tracking_uri(uri)
+            name = str(cfg.get("experiment") or "default")
+            exp = mlflow.get_experiment_by_name(name)
+            if exp is None:
+                try:
+                    mlflow.create_experiment(name, artifact_location=artifacts)
+                except Exception:  # another queued worker created it first
+                    if mlflow.get_experiment_by_name(name) is None:
+                        raise
+            mlflow.set_experiment(name)
+            self.uri = uri
+            log.info("MLflow tracking to %s (experiment %s)", uri, name)
+        except Exception as exc:  # noqa: BLE001 - any store failure is handled the same way
+            self._disable(exc)
+
+    def _disable(self, exc: BaseException) -> None:
+        if self.required:
+            raise TrackingError(f"MLflow tracking failed and tracking.required is set: {exc}") from exc
+        self.enabled = False
+        self.reason = f"{type(exc).__name__}: {exc}"
+        log.warning("MLflow tracking SKIPPED (outputs are still written): %s", self.reason)
+
+    def _call(self, fn: str, *args: Any, **kwargs: Any) -> Any:
+        if not self.enabled:
+            return None
+        try:
+            return getattr(self.mlflow, fn)(*args, **kwargs)
+        except Exception as exc:  # noqa: BLE001
+            self._disable(exc)
+            return None
+
+    @contextmanager
+    def run(self, name: str, *, nested: bool = False, tags: Mapping[str, str] | None = None
+            ) -> Iterator[None]:
+        active = self._call("start_run", run_name=name, nested=nested, tags=dict(tags or {}))
+        try:
+            yield
+        finally:
+            if active is not None and self.enabled:
+                self._call("end_run")
+
+    def log_params(self, params: Mapping) -> None:
+        flat = {k: ("" if v is None else str(v))[:6000] for k, v in flatten(params).items()}
+        items = list(flat.items())
+        for i in range(0, len(items), 100):  # MLflow caps a batch at 100 params
+            self._call("log_params", dict(items[i:i + 100]))
+
+    def log_metrics(self, metrics: Mapping[str, float], step: int | None = None) -> None:
+        clean = {k.replace("@", "_"): float(v) for k, v in metrics.items()
+                 if isinstance(v, (int, float)) and v == v}
+        self._call("log_metrics", clean, step=step)
+
+    def log_dict(self, data: Any, name: str) -> None:
+        self._call("log_dict", data, name)
+
+    def log_artifact(self, path: str | Path) -> None:
+        self._call("log_artifact", str(path))
+
+    def set_tags(self, tags: Mapping[str, str]) -> None:
+        self._call("set_tags", dict(tags))
+
+
+def standard_tags(params: Mapping, **extra: str) -> dict[str, str]:
+    """Tags every run carries: code revision, DVC experiment, profile."""
+    tags = {"git_revision": git_revision(), "profile": str(params.get("profile", "")),
+            "dvc_exp_name": os.environ.get("DVC_EXP_NAME", "workspace")}
+    tags.update({k: str(v) for k, v in extra.items()})
+    return tags

@@ -1,0 +1,338 @@
+"""Stage ``train``: one (model, loss) cell of the grid, trained on every fold.
+
+``python -m pipeline.train model=mini_covidnet loss=focal [fold=0] [train.epochs=3 ...]`` reads the
+composed ``params.yaml`` (so ``dvc exp run -S`` overrides reach it) and applies any further
+``key=value`` overrides to existing keys. Writes, under ``models/<model>-<loss>/``:
+``fold_<k>/best.pt`` (best validation loss), ``fold_<k>/history.csv``,
+``fold_<k>/test_predictions.csv``, ``predictions.csv`` (all folds), ``metrics.json`` and
+``run.json``; logs a parent MLflow run with one child per fold.
+
+A fold interrupted at any point resumes from its last finished epoch (state under
+``.cache/resume/``); the per-epoch seeding makes the resumed run end with the same weights as an
+uninterrupted one on the CPU.
+"""
+
+from __future__ import annotations
+
+import copy
+import hashlib
+import json
+import logging
+import os
+import sys
+import time
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import torch
+import torch.nn.functional as F
+
+from pipeline.checkpoint import save_checkpoint
+from pipeline.config import ConfigError, apply_overrides, get, load_params, select_run
+from pipeline.data import FrameStore, augment_batch, fold_frames, subsample_per_source, used_frames
+from pipeline.tracking import Tracker, standard_tags
+
+log = logging.getLogger("pipeline.train")
+
+RESUME_DIR = Path(".cache/resume")
+
+
+def pick_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name.startswith("cuda") and not torch.cuda.is_available():
+        raise ConfigError(f"train.device={name} but no CUDA device is visible (use auto or cpu)")
+    return torch.device(name)
+
+
+def epoch_seed(seed: int, fold: int, epoch: int) -> int:
+    """Seed of one epoch: resuming at an epoch boundary replays the same random stream."""
+    return (seed * 1_000_003 + fold * 10_007 + epoch) % (2**31 - 1)
+
+
+def run_key(*parts: object) -> str:
+    return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+def _batches(n: int, batch_size: int, generator: torch.Generator | None) -> list[torch.Tensor]:
+    order = torch.randperm(n, generator=generator) if generator is not None else torch.arange(n)
+    return list(order.split(batch_size))
+
+
+def _to_input(x_uint8: torch.Tensor, device: torch.device, channels_last: bool) -> torch.Tensor:
+    x = x_uint8.to(device, non_blocking=True).float().div_(255.0)
+    return x.contiguous(memory_format=torch.channels_last) if channels_last else x
+
+
+@torch.no_grad()
+def predict_logits(model: torch.nn.Module, images: torch.Tensor, device: torch.device,
+                   batch_size: int = 64, amp: bool = False, channels_last: bool = False) -> torch.Tensor:
+    """Logits for uint8 images (N x 3 x S x S), in eval mode."""
+    model.eval()
+    outs = []
+    for idx in _batches(len(images), batch_size, None):
+        x = _to_input(images[idx], device, channels_last)
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp):
+            outs.append(model(x).float().cpu())
+    return torch.cat(outs) if outs else torch.empty(0)
+
+
+def evaluate_loss(model, loss_fn, images, labels, device, batch_size, amp, channels_last):
+    logits = predict_logits(model, images, device, batch_size, amp, channels_last)
+    loss = float(loss_fn(logits, labels).item()) if len(labels) else float("nan")
+    acc = float((logits.argmax(1) == labels).float().mean().item()) if len(labels) else float("nan")
+    return loss, acc, logits
+
+
+def train_fold(params: Mapping, model_name: str, loss_name: str, fold: int, store: FrameStore,
+               splits: pd.DataFrame, out_dir: Path, tracker: Tracker) -> pd.DataFrame:
+    """Train one fold; write its checkpoint, history and test predictions; return the latter."""
+    from pipeline.losses import build_loss
+    from pipeline.models import build_model
+
+    tcfg = get(params, "train")
+    classes = list(get(params, "dataset.classes"))
+    model_cfg, loss_cfg = select_run(params, model_name, loss_name)
+    seed = int(get(params, "seed"))
+    device = pick_device(str(tcfg["device"]))
+    amp = bool(tcfg["amp"]) and device.type == "cuda"
+    channels_last = bool(tcfg["channels_last"]) and device.type == "cuda"
+    if device.type == "cpu" and tcfg.get("deterministic", True):
+        torch.use_deterministic_algorithms(True, warn_only=True)
+
+    limit = tcfg.get("max_frames_per_source")
+    parts = {s: subsample_per_source(fold_frames(store.frames, splits, fold, s), limit)
+             for s in ("train", "val", "test")}
+    images = {s: store.tensor(list(p["frame"])) for s, p in parts.items()}
+    labels = {s: torch.as_tensor(p["label"].to_numpy(), dtype=torch.long) for s, p in parts.items()}
+    log.info("fold %d: %d train / %d val / %d test frames on %s", fold,
+             *(len(parts[s]) for s in ("train", "val", "test")), device)
+
+    torch.manual_seed(epoch_seed(seed, fold, -1))
+    model = build_model(model_cfg, num_classes=len(classes)).to(device)
+    if channels_last:
+        model = model.to(memory_format=torch.channels_last)
+    loss_fn = build_loss(loss_cfg, num_classes=len(classes))
+    opt_cfg = tcfg["optimizer"]
+    if opt_cfg["name"] != "adam":
+        raise ConfigError(f"train.optimizer.name={opt_cfg['name']!r}: only 'adam' is implemented")
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.Adam(trainable, lr=float(opt_cfg["lr"]), betas=tuple(opt_cfg["betas"]),
+                                 weight_decay=float(opt_cfg["weight_decay"]))
+
+    key = run_key(model_cfg, loss_cfg, dict(tcfg), get(params, "folds"), seed, fold,
+                  list(parts["train"]["frame"]))
+    resume_path = RESUME_DIR / f"{model_name}-{loss_name}" / f"fold_{fold}-{key}.pt"
+    state = {"epoch": -1, "step": 0, "history": [], "best_loss": float("inf"), "best_epoch": -1,
+             "best_state": None, "plateau_wait": 0, "plateau_best": float("inf"), "lr_scale": 1.0,
+             "stop_wait": 0, "train_seconds": 0.0}
+    if resume_path.is_file():
+        saved = torch.load(resume_path, map_location="cpu", weights_only=False)
+        model.load_state_dict(saved["model"])
+        optimizer.load_state_dict(saved["optimizer"])
+        state = saved["state"]
+        log.info("fold %d: resuming after epoch %d from %s", fold, state["epoch"] + 1, resume_path)
+
+    base_lr, decay = float(opt_cfg["lr"]), float(opt_cfg.get("decay", 0.0))
+    es_patience = int(tcfg["early_stopping"]["patience"])
+    pl_cfg = tcfg["lr_plateau"]
+    bs = int(tcfg["batch_size"])
+    n_train = len(images["train"])
+    with tracker.run(f"fold_{fold}", nested=True, tags={"fold": str(fold)}):
+        for h in state["history"]:  # a resumed run re-logs the epochs it already has
+            tracker.log_metrics({k: v for k, v in h.items() if k != "epoch"}, step=h["epoch"])
+        for epoch in range(state["epoch"] + 1, int(tcfg["epochs"])):
+            if state["stop_wait"] >= es_patience:
+                break
+            started = time.monotonic()
+            torch.manual_seed(epoch_seed(seed, fold, epoch))
+            gen = torch.Generator().manual_seed(epoch_seed(seed, fold, epoch))
+            model.train()
+            total, correct, seen = 0.0, 0, 0
+            for idx in _batches(n_train, bs, gen):
+                if len(idx) < 2:  # BatchNorm cannot train on a batch of one
+                    continue
+                for g in optimizer.param_groups:
+                    g["lr"] = base_lr * state["lr_scale"] / (1.0 + decay * state["step"])
+                x = augment_batch(_to_input(images["train"][idx], device, channels_last),
+                                  tcfg["augment"], gen)
+                y = labels["train"][idx].to(device)
+                with torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp):
+                    logits = model(x)
+                loss = loss_fn(logits.float(), y)
+                optimizer.zero_grad(set_to_none=True)
+                loss.backward()
+                optimizer.step()
+                state["step"] += 1
+                total += float(loss.item()) * len(idx)
+                correct += int((logits.argmax(1) == y).sum().item())
+                seen += len(idx)
+            val_loss, val_acc, _ = evaluate_loss(model, loss_fn, images["val"], labels["val"],
+                                                 device, 2 * bs, amp, channels_last)
+            seconds = time.monotonic() - started
+            state["train_seconds"] += seconds
+            row = {"epoch": epoch, "train_loss": total / max(seen, 1),
+                   "train_accuracy": correct / max(seen, 1), "val_loss": val_loss,
+                   "val_accuracy": val_acc, "lr": optimizer.param_groups[0]["lr"], "seconds": seconds}
+            state["history"].append(row)
+            tracker.log_metrics({k: v for k, v in row.items() if k != "epoch"}, step=epoch)
+            log.info("fold %d epoch %d/%d: train loss %.4f acc %.3f | val loss %.4f acc %.3f | %.1fs",
+                     fold, epoch + 1, tcfg["epochs"], row["train_loss"], row["train_accuracy"],
+                     val_loss, val_acc, seconds)
+            if val_loss < state["best_loss"]:
+                state.update(best_loss=val_loss, best_epoch=epoch, stop_wait=0,
+                             best_state=copy.deepcopy({k: v.cpu() for k, v in model.state_dict().items()}))
+            else:
+                state["stop_wait"] += 1
+            if val_loss < state["plateau_best"]:
+                state.update(plateau_best=val_loss, plateau_wait=0)
+            else:
+                state["plateau_wait"] += 1
+                if state["plateau_wait"] > int(pl_cfg["patience"]) - 1:
+                    state["lr_scale"] *= float(pl_cfg["factor"])
+                    state["plateau_wait"] = 0
+                    log.info("fold %d: validation loss stalled %d epochs, lr x%s", fold,
+                             pl_cfg["patience"], pl_cfg["factor"])
+            state["epoch"] = epoch
+            resume_path.parent.mkdir(parents=True, exist_ok=True)
+            tmp = resume_path.with_suffix(".tmp")
+            torch.save({"model": model.state_dict(), "optimizer": optimizer.state_dict(),
+                        "state": state}, tmp)
+            os.replace(tmp, resume_path)
+
+        if state["best_state"] is not None:  # restore the best epoch, as Keras restore_best_weights
+            model.load_state_dict(state["best_state"])
+        fold_dir = out_dir / f"fold_{fold}"
+        save_checkpoint(fold_dir / "best.pt", model, model_cfg=model_cfg, classes=classes,
+                        image_size=int(tcfg["image_size"]), epoch=state["best_epoch"],
+                        meta={"model": model_name, "loss": loss_name, "fold": fold, "seed": seed})
+        pd.DataFrame(state["history"]).to_csv(fold_dir / "history.csv", index=False)
+
+        logits = predict_logits(model, images["test"], device, 2 * bs, amp, channels_last)
+        probs = torch.softmax(logits, 1).numpy()
+        test = parts["test"]
+        preds = pd.DataFrame({"frame": test["frame"].to_numpy(), "source": test["source"].to_numpy(),
+                              "patient": test["patient"].astype(str).to_numpy(), "fold": fold,
+                              "y_true": test["label"].to_numpy(), "y_pred": probs.argmax(1)})
+        for i, c in enumerate(classes):
+            preds[f"prob_{c}"] = probs[:, i]
+        preds.to_csv(fold_dir / "test_predictions.csv", index=False)
+
+        from pipeline.metrics import classification_metrics, metrics_to_flat
+
+        m = classification_metrics(preds["y_true"].to_numpy(), preds["y_pred"].to_numpy(),
+                                   probs, classes)
+        fold_record = {"fold": fold, "best_epoch": state["best_epoch"],
+                       "epochs_run": len(state["history"]), "train_seconds": state["train_seconds"],
+                       "metrics": m}
+        (fold_dir / "metrics.json").write_text(json.dumps(fold_record, indent=2) + "\n")
+        tracker.log_metrics({f"test.{k}": v for k, v in metrics_to_flat(m).items()})
+        tracker.log_metrics({"train_seconds": state["train_seconds"],
+                             "best_epoch": state["best_epoch"]})
+        tracker.log_dict({"classes": classes, "matrix": m["confusion_matrix"]},
+                         "confusion_matrix.json")
+    resume_path.unlink(missing_ok=True)
+    return preds
+
+
+def run(params: Mapping, model_name: str, loss_name: str, folds: Sequence[int],
+        out_root: Path = Path("models")) -> dict:
+    """Train the given folds of one grid cell; write the cell's predictions and metrics."""
+    from pipeline.metrics import summarize_folds
+    from pipeline.models import describe_init
+
+    model_cfg, loss_cfg = select_run(params, model_name, loss_name)
+    ds, fcfg, tcfg = get(params, "dataset"), get(params, "folds"), get(params, "train")
+    classes = list(ds["classes"])
+    frames = used_frames(ds["frames_dir"])
+    splits = pd.read_csv(Path(fcfg["dir"]) / "splits.csv", dtype={"patient": str})
+    unknown = sorted(set(folds) - set(splits["fold"]))
+    if unknown:
+        raise ConfigError(f"folds {unknown} do not exist (splits have {sorted(splits['fold'].unique())})")
+    store = FrameStore(ds["frames_dir"], frames, int(tcfg["image_size"]))
+    out_dir = out_root / f"{model_name}-{loss_name}"
+    out_dir.mkdir(parents=True, exist_ok=True)
+
+    leaky = fcfg["validation"] == "test_fold"
+    init = describe_init(model_cfg)
+    tracker = Tracker(params.get("tracking", {}))
+    run_name = f"{model_name}-{loss_name}"
+    if os.environ.get("DVC_EXP_NAME"):
+        run_name += f" ({os.environ['DVC_EXP_NAME']})"
+    started = time.monotonic()
+    all_preds = []
+    with tracker.run(run_name, tags=standard_tags(params, model=model_name, loss=loss_name,
+                                                  init=init, leaky_validation=leaky)):
+        tracker.log_params({"model": model_cfg, "loss": loss_cfg, "train": tcfg, "folds": fcfg,
+                            "dataset.name": ds["name"], "seed": params["seed"],
+                            "profile": params.get("profile", "")})
+        for fold in folds:
+            all_preds.append(train_fold(params, model_name, loss_name, fold, store, splits,
+                                        out_dir, tracker))
+        preds = pd.concat(all_preds, ignore_index=True)
+        preds.to_csv(out_dir / "predictions.csv", index=False)
+        summary = summarize_folds(preds, classes)
+        wall = time.monotonic() - started
+        fold_times = [json.loads((out_dir / f"fold_{k}" / "metrics.json").read_text())["train_seconds"]
+                      for k in folds]
+        metrics = {"accuracy": summary["pooled"]["accuracy"],
+                   "macro_f1": summary["pooled"]["macro_f1"],
+                   "fold_accuracy_mean": summary["fold_mean"]["accuracy"],
+                   "fold_accuracy_std": summary["fold_std"]["accuracy"],
+                   "train_minutes_per_fold": float(np.mean(fold_times)) / 60,
+                   "per_class": summary["pooled"]["per_class"]}
+        (out_dir / "metrics.json").write_text(json.dumps(metrics, indent=2) + "\n")
+        info = {"model": model_name, "loss": loss_name, "folds": list(folds), "init": init,
+                "validation": fcfg["validation"], "leaky_validation": leaky,
+                "device": str(pick_device(str(tcfg["device"]))),
+                "device_name": (torch.cuda.get_device_name(0) if torch.cuda.is_available() else "cpu"),
+                "torch": torch.__version__, "wall_seconds": wall, "profile": params.get("profile"),
+                "image_size": int(tcfg["image_size"]), "epochs": int(tcfg["epochs"]),
+                "max_frames_per_source": tcfg.get("max_frames_per_source"),
+                "mlflow": {"enabled": tracker.enabled, "skipped_reason": tracker.reason}}
+        (out_dir / "run.json").write_text(json.dumps(info, indent=2) + "\n")
+        tracker.log_metrics({"accuracy": metrics["accuracy"], "macro_f1": metrics["macro_f1"],
+                             "fold_accuracy_mean": metrics["fold_accuracy_mean"],
+                             "wall_seconds": wall})
+        tracker.log_dict(summary, "summary.json")
+    log.info("%s-%s: pooled accuracy %.3f over folds %s in %.0f s", model_name, loss_name,
+             metrics["accuracy"], list(folds), wall)
+    return metrics
+
+
+def parse_args(argv: Sequence[str]) -> tuple[str, str, list[int] | None, list[str]]:
+    model = loss = None
+    folds: list[int] | None = None
+    rest = []
+    for arg in argv:
+        key, _, value = arg.partition("=")
+        if key == "model":
+            model = value
+        elif key == "loss":
+            loss = value
+        elif key == "fold":
+            folds = [int(v) for v in value.split(",")]
+        else:
+            rest.append(arg)
+    if not model or not loss:
+        raise ConfigError("usage: python -m pipeline.train model=<name> loss=<name> [fold=K[,K]] "
+                          "[key.path=value ...]")
+    return model, loss, folds, rest
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    argv = list(sys.argv[1:] if argv is None else argv)
+    model, loss, folds, overrides = parse_args(argv)
+    params = apply_overrides(load_params(), overrides)
+    select_run(params, model, loss)  # unknown names fail before any work
+    run(params, model, loss, folds if folds is not None else list(get(params, "train.folds")))
+
+
+if __name__ == "__main__":
+    try:
+        main()
+    except ConfigError as exc:
+        sys.exit(f"config error: {exc}")
