@@ -1,0 +1,164 @@
+"""The real thing, small: `dvc repro` in a temporary copy of the project on a real subset of the
+lung-ultrasound videos, then `dvc exp run`, a queued experiment, `dvc exp show`, and the MLflow
+store those runs land in."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import yaml
+
+ROOT = Path(__file__).resolve().parent.parent
+pytestmark = pytest.mark.slow
+
+# Four files per class from different patients (the metadata gives each its patient id).
+SUBSET = [
+    "pocus_videos/convex/Cov-Atlas-suspectedCovid.mp4",
+    "pocus_videos/convex/Cov_combatting_Image1.mp4",
+    "pocus_videos/convex/Cov_convex_volpecelli_sonographic_v1.mov",
+    "pocus_images/convex/Cov_Oliviera_2020_Fig4A.jpg",
+    "pocus_videos/convex/Pneu-Atlas-pneumonia.gif",
+    "pocus_videos/convex/Pneu_Avi_Video_001.mp4",
+    "pocus_videos/convex/Pneu_liftl_pneu_case3_clip3.mp4",
+    "pocus_videos/convex/pneu-radiopaeda.mp4",
+    "pocus_videos/convex/Reg-Atlas.gif",
+    "pocus_videos/convex/Reg_Avi_Video_001.mp4",
+    "pocus_videos/convex/Reg_pat1Image_132943.mpeg",
+    "pocus_videos/convex/Reg_pat2Image_133824.mpeg",
+    "pocus_videos/linear/Cov-Atlas-pleural.mp4",  # excluded by the probe selection
+    "dataset_metadata.csv",
+]
+
+
+def run(cmd: list[str], cwd: Path, timeout: int = 600) -> str:
+    env = {**os.environ, "DVC_NO_ANALYTICS": "1", "MLFLOW_DISABLE_TELEMETRY": "true",
+           "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}"}
+    proc = subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout)
+    assert proc.returncode == 0, f"{' '.join(cmd)} failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-5000:]}"
+    return proc.stdout
+
+
+def edit_yaml(path: Path, **changes) -> None:
+    data = yaml.safe_load(path.read_text())
+    for dotted, value in changes.items():
+        node = data
+        *parents, last = dotted.split("__")
+        for p in parents:
+            node = node[p]
+        node[last] = value
+    path.write_text(yaml.safe_dump(data, sort_keys=False))
+
+
+@pytest.fixture(scope="module")
+def project(tmp_path_factory, request) -> Path:
+    from tests.conftest import SHARED_LUS
+
+    if not SHARED_LUS.is_dir():
+        pytest.skip(f"real dataset not found at {SHARED_LUS}")
+    base = tmp_path_factory.mktemp("e2e")
+    # the data subset, with its own checksum list (as a user with another mirror would have)
+    data = base / "lus_subset"
+    lines = []
+    for rel in SUBSET:
+        (data / rel).parent.mkdir(parents=True, exist_ok=True)
+        shutil.copyfile(SHARED_LUS / rel, data / rel)
+        lines.append(f"{hashlib.sha256((data / rel).read_bytes()).hexdigest()}  {rel}")
+    proj = base / "project"
+    files = subprocess.run(["git", "ls-files"], cwd=ROOT, capture_output=True, text=True,
+                           check=True).stdout.split()
+    for f in files:
+        if (ROOT / f).is_file():
+            (proj / f).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy2(ROOT / f, proj / f)
+    (proj / "data" / "subset.sha256").write_text("\n".join(lines) + "\n")
+    conf = proj / "conf"
+    edit_yaml(conf / "dataset" / "lus_convex.yaml", sources=[str(data)],
+              checksums="data/subset.sha256", frame_max_side=64, workers=1)
+    edit_yaml(conf / "folds" / "patient_kfold.yaml", k=2, val_fraction=0.34)
+    edit_yaml(conf / "train" / "quick.yaml", image_size=32, epochs=1, batch_size=8,
+              max_frames_per_source=4, folds=[0, 1])
+    cfg = yaml.safe_load((conf / "config.yaml").read_text())
+    cfg["grid"] = {"models": ["mini_covidnet"], "losses": ["ce", "focal"]}
+    cfg["evaluate"]["bootstrap"] = 50
+    (conf / "config.yaml").write_text(yaml.safe_dump(cfg, sort_keys=False))
+    params = run([sys.executable, "-m", "pipeline.config"], cwd=proj)
+    (proj / "params.yaml").write_text(params)
+    run(["git", "init", "-q"], proj)
+    run(["git", "add", "-A"], proj)
+    run(["git", "-c", "user.email=t@localhost", "-c", "user.name=t", "commit", "-qm", "init"], proj)
+    return proj
+
+
+def test_dvc_repro_produces_every_output(project):
+    out = run(["dvc", "repro"], project, timeout=900)
+    assert "Running stage 'train@mini_covidnet-focal'" in out
+    manifest = (project / "data/frames/manifest.csv").read_text()
+    # every input file of the subset is in the manifest, the linear one as excluded
+    for rel in SUBSET[:-1]:
+        assert rel in manifest, rel
+    assert "probe 'linear' not selected" in manifest
+    splits = (project / "data/folds/splits.csv").read_text()
+    assert "test" in splits and "val" in splits
+    for cell in ("mini_covidnet-ce", "mini_covidnet-focal"):
+        d = project / "models" / cell
+        assert (d / "fold_0" / "best.pt").is_file() and (d / "fold_1" / "best.pt").is_file()
+        m = json.loads((d / "metrics.json").read_text())
+        assert 0.0 <= m["accuracy"] <= 1.0
+    metrics = json.loads((project / "reports/metrics.json").read_text())
+    assert set(metrics) == {"mini_covidnet-ce", "mini_covidnet-focal"}
+    page = (project / "reports/README.md").read_text()
+    for table in ("Table I ", "Table II ", "Table IV ", "Table V ", "Table VI ", "Table VII ",
+                  "Table VIII "):
+        assert table in page, table
+    assert (project / "reports/tables/table7_accuracy.tex").is_file()
+    # a second repro reruns nothing
+    again = run(["dvc", "repro"], project)
+    assert "Running stage" not in again
+    # MLflow: one parent per cell, a child per fold, in the embedded store of the checkout
+    import mlflow
+
+    client = mlflow.MlflowClient(f"sqlite:///{project / 'mlruns' / 'mlflow.db'}")
+    exp = client.get_experiment_by_name("lus_convex")
+    runs = client.search_runs([exp.experiment_id])
+    parents = [r for r in runs if "mlflow.parentRunId" not in r.data.tags]
+    children = [r for r in runs if "mlflow.parentRunId" in r.data.tags]
+    assert {r.data.tags["loss"] for r in parents} == {"ce", "focal"}
+    assert len(children) == 4
+    assert all("test.accuracy" in r.data.metrics for r in children)
+    assert parents[0].data.params["train.image_size"] == "32"
+
+
+def test_experiments_and_queue_land_in_main_store(project):
+    run(["dvc", "exp", "run", "-S", "train.batch_size=4", "-n", "bs4"], project, timeout=900)
+    run(["dvc", "exp", "run", "--queue", "-S", "seed=7", "-n", "queued-seed7"], project)
+    run(["dvc", "queue", "start", "-j", "1"], project)
+    deadline = time.monotonic() + 900
+    while time.monotonic() < deadline:
+        status = run(["dvc", "queue", "status"], project)
+        if "Queued" not in status and "Running" not in status:
+            break
+        time.sleep(5)
+    assert "Success" in status, status
+    shown = json.loads(run(["dvc", "exp", "show", "--json"], project))
+    names = set()
+    for entry in shown:
+        for exp in entry.get("experiments") or []:
+            for r in exp.get("revs", []):
+                names.add(r.get("name"))
+    assert {"bs4", "queued-seed7"} <= names, names
+    import mlflow
+
+    client = mlflow.MlflowClient(f"sqlite:///{project / 'mlruns' / 'mlflow.db'}")
+    exp = client.get_experiment_by_name("lus_convex")
+    runs = client.search_runs([exp.experiment_id])
+    tagged = {r.data.tags.get("dvc_exp_name") for r in runs}
+    assert "queued-seed7" in tagged, tagged   # the queued run landed in the main checkout's store
+    assert "bs4" in tagged
