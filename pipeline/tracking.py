@@ -18,6 +18,8 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Iterator
 
+from filelock import FileLock
+
 from pipeline.config import main_repo_root
 
 # Set before mlflow is imported anywhere: no telemetry from a reproducible pipeline.
@@ -74,22 +76,31 @@ class Tracker:
 
             self.mlflow = mlflow
             uri, artifacts = store_location(cfg.get("uri"))
-            if uri.startswith("sqlite:///"):
-                Path(uri.removeprefix("sqlite:///")).parent.mkdir(parents=True, exist_ok=True)
-            mlflow.set_tracking_uri(uri)
             name = str(cfg.get("experiment") or "default")
-            exp = mlflow.get_experiment_by_name(name)
-            if exp is None:
-                try:
-                    mlflow.create_experiment(name, artifact_location=artifacts)
-                except Exception:  # another queued worker created it first
-                    if mlflow.get_experiment_by_name(name) is None:
-                        raise
-            mlflow.set_experiment(name)
+            if uri.startswith("sqlite:///"):
+                db = Path(uri.removeprefix("sqlite:///"))
+                db.parent.mkdir(parents=True, exist_ok=True)
+                # Parallel workers (dvc queue -j N, several trainings on one GPU) would otherwise
+                # race on creating the schema ("duplicate column") and the experiment.
+                with FileLock(str(db) + ".lock", timeout=120):
+                    self._open(mlflow, uri, name, artifacts)
+            else:
+                self._open(mlflow, uri, name, artifacts)
             self.uri = uri
             log.info("MLflow tracking to %s (experiment %s)", uri, name)
         except Exception as exc:  # noqa: BLE001 - any store failure is handled the same way
             self._disable(exc)
+
+    @staticmethod
+    def _open(mlflow, uri: str, name: str, artifacts: str | None) -> None:
+        mlflow.set_tracking_uri(uri)
+        if mlflow.get_experiment_by_name(name) is None:
+            try:
+                mlflow.create_experiment(name, artifact_location=artifacts)
+            except Exception:  # created meanwhile by a worker using another lock (team server)
+                if mlflow.get_experiment_by_name(name) is None:
+                    raise
+        mlflow.set_experiment(name)
 
     def _disable(self, exc: BaseException) -> None:
         if self.required:

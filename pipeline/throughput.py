@@ -1,0 +1,164 @@
+"""Training throughput: images/s per model through the real data path vs random tensors.
+
+``python -m pipeline.throughput [--models ...] [--batch-sizes 16 128] [--out reports/throughput]``
+times ``pipeline.train.train_step`` (uint8 frames already on the device, gathered, scaled and
+augmented there, bf16 autocast and channels-last on CUDA) against the same model fed one
+pre-made random float batch with no augmentation (the reference measurement of REFERENCE.md).
+The ratio says how much the data path costs. Results go to ``<out>.json`` and ``<out>.md`` with
+the device described.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import platform
+import sys
+import time
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+
+import torch
+
+from pipeline.config import apply_overrides, compose, get, load_params
+from pipeline.train import _to_input, pick_device, train_step
+
+log = logging.getLogger("pipeline.throughput")
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+
+
+def measure(params: Mapping, model_name: str, batch_size: int, source: str, steps: int,
+            warmup: int, frames: torch.Tensor | None = None) -> dict:
+    """Images/s of training steps of one model on ``source`` = ``real`` or ``random``."""
+    from pipeline.losses import build_loss
+    from pipeline.models import build_model
+
+    tcfg = get(params, "train")
+    device = pick_device(str(tcfg["device"]))
+    amp = bool(tcfg["amp"]) and device.type == "cuda"
+    cl = bool(tcfg["channels_last"]) and device.type == "cuda"
+    size = int(tcfg["image_size"])
+    torch.manual_seed(0)
+    cfg = dict(get(params, f"models.{model_name}"))
+    cfg["pretrained"] = "none"
+    model = build_model(cfg, num_classes=3).to(device)
+    if cl:
+        model = model.to(memory_format=torch.channels_last)
+    model.train()
+    loss_fn = build_loss({"name": "ce"}, num_classes=3).to(device)
+    opt = torch.optim.Adam([p for p in model.parameters() if p.requires_grad], lr=1e-4)
+    gen = torch.Generator().manual_seed(0)
+    if source == "real":
+        if frames is None:
+            raise ValueError("source='real' needs the frames tensor")
+        pool = frames.to(device)
+        labels = torch.randint(0, 3, (len(pool),), generator=gen).to(device)
+    else:
+        x_fixed = torch.rand((batch_size, 3, size, size), generator=gen).to(device)
+        if cl:
+            x_fixed = x_fixed.contiguous(memory_format=torch.channels_last)
+        y_fixed = torch.randint(0, 3, (batch_size,), generator=gen).to(device)
+
+    def step() -> None:
+        if source == "real":
+            idx = torch.randint(0, len(pool), (batch_size,), generator=gen)
+            train_step(model, loss_fn, opt, pool[idx], labels[idx], tcfg["augment"], gen, device,
+                       amp, cl)
+        else:
+            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp):
+                out = model(x_fixed)
+            loss = loss_fn(out.float(), y_fixed)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+
+    for _ in range(warmup):
+        step()
+    _sync(device)
+    started = time.perf_counter()
+    for _ in range(steps):
+        step()
+    _sync(device)
+    seconds = time.perf_counter() - started
+    return {"model": model_name, "source": source, "batch_size": batch_size, "image_size": size,
+            "steps": steps, "seconds": seconds, "images_per_s": steps * batch_size / seconds,
+            "amp_bf16": amp, "channels_last": cl}
+
+
+def device_info() -> dict:
+    info = {"torch": torch.__version__, "python": platform.python_version(),
+            "cpu": platform.processor() or platform.machine()}
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                info["cpu"] = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    import os
+
+    info["cpu_cores"] = os.cpu_count()
+    if torch.cuda.is_available():
+        info["gpu"] = torch.cuda.get_device_name(0)
+    return info
+
+
+def to_markdown(result: Mapping) -> str:
+    rows = ["| model | batch | real data img/s | random img/s | random / real |", "|---|---|---|---|---|"]
+    for r in result["rows"]:
+        rows.append(f"| {r['model']} | {r['batch_size']} | {r['real']:.0f} | {r['random']:.0f} | "
+                    f"{r['random'] / r['real']:.2f} |")
+    d = result["device"]
+    head = (f"# Training throughput\n\nDevice: {d.get('gpu', 'no GPU')}; CPU {d['cpu']} "
+            f"({d['cpu_cores']} cores); torch {d['torch']}. Image size {result['image_size']} px, "
+            f"bf16 autocast and channels-last on CUDA. Real = `train_step` on frames of the "
+            f"lung-ultrasound dataset held on the device, augmented per image; random = one "
+            f"pre-made random batch, no augmentation.\n\n")
+    return head + "\n".join(rows) + "\n"
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--models", nargs="+", default=None)
+    ap.add_argument("--batch-sizes", nargs="+", type=int, default=[16, 128])
+    ap.add_argument("--steps", type=int, default=30)
+    ap.add_argument("--warmup", type=int, default=10)
+    ap.add_argument("--experiment", default="paper", help="conf/experiment to compose (or 'params' "
+                    "to read params.yaml)")
+    ap.add_argument("--set", nargs="*", default=[], help="key=value overrides")
+    ap.add_argument("--out", default="reports/throughput")
+    args = ap.parse_args(argv)
+    params = load_params() if args.experiment == "params" else compose([f"experiment={args.experiment}"])
+    params = apply_overrides(params, args.set)
+    models = args.models or list(get(params, "grid.models"))
+    size = int(get(params, "train.image_size"))
+    from pipeline.data import FrameStore, used_frames
+
+    ds = get(params, "dataset")
+    frames = used_frames(ds["frames_dir"])
+    store = FrameStore(ds["frames_dir"], frames, size)
+    real = store.tensor(list(frames["frame"]))
+    rows = []
+    for model in models:
+        for bs in args.batch_sizes:
+            r = measure(params, model, bs, "real", args.steps, args.warmup, real)
+            q = measure(params, model, bs, "random", args.steps, args.warmup)
+            rows.append({"model": model, "batch_size": bs, "real": r["images_per_s"],
+                         "random": q["images_per_s"], "detail": [r, q]})
+            log.info("%s batch %d: real %.0f img/s, random %.0f img/s", model, bs,
+                     r["images_per_s"], q["images_per_s"])
+    result = {"device": device_info(), "image_size": size, "rows": rows}
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.with_suffix(".json").write_text(json.dumps(result, indent=2) + "\n")
+    out.with_suffix(".md").write_text(to_markdown(result))
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])
