@@ -214,7 +214,12 @@ def figures(evaluation: Mapping, out_dir: Path, plots_dir: Path, models_dir: Pat
     return made
 
 
-def load_runs(cells: Sequence[str], models_dir: Path) -> dict[str, dict]:
+def load_runs(cells: Sequence[str], models_dir: Path, params: Mapping) -> dict[str, dict]:
+    """Each cell's run record and metrics, with its model's parameter counts (from the trained
+    checkpoint, or built from the config when only the predictions were kept)."""
+    from pipeline.checkpoint import load_model
+    from pipeline.models import build_model, count_parameters
+
     runs = {}
     for cell in cells:
         d = models_dir / cell
@@ -222,13 +227,13 @@ def load_runs(cells: Sequence[str], models_dir: Path) -> dict[str, dict]:
         info.update(json.loads((d / "metrics.json").read_text()))
         ckpt = d / f"fold_{info['folds'][0]}" / "best.pt"
         if ckpt.is_file():
-            from pipeline.checkpoint import load_model
-            from pipeline.models import count_parameters
-
             model, _ = load_model(ckpt)
-            info["parameters"] = count_parameters(model)
-            info["trainable_parameters"] = count_parameters(model, trainable_only=True)
             info["checkpoint_mb"] = ckpt.stat().st_size / 1e6
+        else:
+            cfg = {**get(params, f"models.{info['model']}"), "pretrained": "none"}
+            model = build_model(cfg, num_classes=len(get(params, "dataset.classes")))
+        info["parameters"] = count_parameters(model)
+        info["trainable_parameters"] = count_parameters(model, trainable_only=True)
         runs[cell] = info
     return runs
 
@@ -248,7 +253,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     out = Path(get(params, "report.dir"))
     cells = [f"{m}-{l}" for m in get(params, "grid.models") for l in get(params, "grid.losses")]
     evaluation = json.loads((out / "evaluation.json").read_text())
-    runs = load_runs(cells, Path("models"))
+    runs = load_runs(cells, Path("models"), params)
     published = yaml.safe_load(Path("data/published.yaml").read_text())
     folds_table = pd.read_csv(Path(get(params, "folds.dir")) / "table1.csv")
     sections = build_tables(params, evaluation, runs, folds_table, published,
