@@ -12,13 +12,14 @@ from __future__ import annotations
 import csv
 import logging
 import math
+import multiprocessing
 import re
 import sys
 import time
 from collections import Counter
-from collections.abc import Mapping, Sequence
-from concurrent.futures import ProcessPoolExecutor
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
+from multiprocessing.connection import wait as wait_for_connections
 from pathlib import Path
 
 import cv2
@@ -33,6 +34,9 @@ VIDEO_EXTS = {".mp4", ".mov", ".avi", ".mpeg", ".mpg", ".gif", ".m4v", ".webm", 
 IMAGE_EXTS = {".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp"}
 MANIFEST_COLUMNS = ["frame", "source", "class", "label", "probe", "kind", "patient",
                     "frame_index", "time_s", "fps", "width", "height", "status", "reason"]
+# Per-file wall-clock limit of decoding (``dataset.decode_timeout_s``). The slowest file of the
+# real dataset takes about 1 s, so only a hung decoder reaches this.
+DEFAULT_DECODE_TIMEOUT_S = 120.0
 
 
 class ExtractionError(RuntimeError):
@@ -259,12 +263,122 @@ def inventory(raw_dir: Path, ds: Mapping) -> list[InputFile]:
                     else:
                         item.cls, item.label = cls, class_names.index(cls)
             items.append(item)
+    # Mismatches between metadata and files are legal but must be visible: a row without a file
+    # is ignored (the public repo lists videos it may not redistribute); a selected file without
+    # a row gets its patient from the name rules or is its own patient (prefix name:/file:).
+    stems = {Path(i.source).stem for i in items}
+    orphan_rows = sorted((set(metadata_patient) | set(metadata_fps)) - stems)
+    if orphan_rows:
+        log.info("%d metadata row(s) name no file under the media folders (ignored), e.g. %s",
+                 len(orphan_rows), orphan_rows[:5])
+    unlisted = [i for i in items if not i.excluded and Path(i.source).stem not in metadata_patient]
+    if unlisted and metadata_patient:
+        log.warning("%d selected file(s) have no patient in the metadata; patient from the "
+                    "file-name rules or the file itself: %s", len(unlisted),
+                    {i.source: i.patient for i in unlisted})
     return items
 
 
+def _decode_child(conn, decode: Callable[..., Result], item: InputFile, args: tuple) -> None:
+    """Body of a decoder process: decode one file and send its ``Result`` to the parent."""
+    try:
+        res = decode(item, *args)
+    except Exception as exc:  # noqa: BLE001 - an unexpected failure is this file's error
+        res = Result(item.source, error=f"decoder raised {type(exc).__name__}: {exc}")
+    conn.send(res)
+    conn.close()
+
+
+def _remove_partial_frames(source: str, out_dir: Path) -> None:
+    """Delete the frames a killed decoder wrote, so no frame file exists without a manifest row."""
+    stem = _frame_name(source, 0).removesuffix("__f00000.jpg")
+    for path in out_dir.glob(f"{stem}__f*.jpg"):
+        if re.fullmatch(r"\d{5,}", path.name[len(stem) + 3:-4]):
+            path.unlink(missing_ok=True)
+
+
+def _decode_all(items: Sequence[InputFile], args: tuple, workers: int, timeout_s: float | None,
+                decode: Callable[..., Result]) -> list[Result]:
+    """Decode every item in its own process, at most ``workers`` at a time, each within
+    ``timeout_s`` seconds (``None``: no limit).
+
+    A process per file is what makes the limit enforceable: a decoder stuck inside FFmpeg's C
+    code ignores Python signals and cannot be cancelled in a pool, but its process can be killed.
+    It also turns a decoder crash (a segfault on a corrupt file) into that file's error instead
+    of the end of the stage. Processes fork from a clean forkserver with the heavy imports
+    preloaded: cheap per file, and safe when the parent already runs threads (MLflow, torch, a
+    test runner), which plain fork is not.
+    """
+    ctx = multiprocessing.get_context("forkserver")
+    # Not this module itself: run as ``python -m`` it is re-executed in each child as
+    # ``__mp_main__``, which warns (and runs its code twice) if it was preloaded.
+    ctx.set_forkserver_preload(["numpy", "cv2", "pandas", "pipeline.config"])
+    out_dir = Path(args[1])
+    results: list[Result | None] = [None] * len(items)
+    todo = list(range(len(items)))[::-1]
+    running: dict = {}  # read end of a pipe -> (item index, process, deadline)
+    started, done = time.monotonic(), 0
+    try:
+        while todo or running:
+            while todo and len(running) < max(1, workers):
+                i = todo.pop()
+                recv, send = ctx.Pipe(duplex=False)
+                proc = ctx.Process(target=_decode_child, args=(send, decode, items[i], args),
+                                   daemon=True, name=f"decode-{i}")
+                proc.start()
+                send.close()  # only the child holds the write end: its death reads as EOF
+                running[recv] = (i, proc, time.monotonic() + timeout_s if timeout_s else math.inf)
+            next_deadline = min(d for _, _, d in running.values())
+            wait_s = None if math.isinf(next_deadline) else max(0.0, next_deadline - time.monotonic())
+            for conn in wait_for_connections(list(running), timeout=wait_s):
+                i, proc, _ = running.pop(conn)
+                try:
+                    results[i] = conn.recv()
+                except (EOFError, OSError):  # died without an answer: crashed or was killed
+                    proc.join()
+                    results[i] = Result(items[i].source, error=(
+                        f"decoder process died (exit code {proc.exitcode}): the file crashes "
+                        f"the decoder"))
+                    _remove_partial_frames(items[i].source, out_dir)
+                conn.close()
+                proc.join()
+                done += 1
+                if done % 20 == 0 or done == len(items):
+                    log.info("decoded %d/%d files (%.0f s)", done, len(items),
+                             time.monotonic() - started)
+            now = time.monotonic()
+            for conn, (i, proc, deadline) in list(running.items()):
+                if now >= deadline:
+                    proc.kill()
+                    proc.join()
+                    conn.close()
+                    del running[conn]
+                    done += 1
+                    results[i] = Result(items[i].source,
+                                        error=f"decode timed out after {timeout_s:g} s")
+                    _remove_partial_frames(items[i].source, out_dir)
+                    log.warning("%s: decode timed out after %g s, process killed",
+                                items[i].source, timeout_s)
+    finally:
+        for conn, (_, proc, _) in running.items():  # interrupted: leave no decoder behind
+            proc.kill()
+            proc.join()
+            conn.close()
+    return results  # type: ignore[return-value]
+
+
 def extract(raw_dir: Path, out_dir: Path, ds: Mapping, *, workers: int = 1,
-            strict: bool = True) -> pd.DataFrame:
+            strict: bool = True, decode: Callable[..., Result] = process_file) -> pd.DataFrame:
     """Run the extraction over ``raw_dir`` and return the manifest (also for excluded files).
+
+    Each file is decoded in its own process within ``ds['decode_timeout_s']`` seconds (default
+    ``DEFAULT_DECODE_TIMEOUT_S``; null or 0: no limit); a file over the limit, or one that
+    crashes the decoder, is a problem like an unreadable one (skipped and recorded, or an error
+    in strict mode).
+
+    Args:
+        decode: the per-file decoder, ``process_file``; replaceable (a module-level function,
+            for pickling) so tests can stand in a decoder that hangs or crashes.
 
     Raises:
         ExtractionError: in strict mode, any selected file that gives no frame, or a selected
@@ -275,33 +389,35 @@ def extract(raw_dir: Path, out_dir: Path, ds: Mapping, *, workers: int = 1,
     rows: list[dict] = []
     problems: list[str] = []
     selected = [i for i in items if not i.excluded]
+    # Frame names come from the path with its extension dropped and odd characters replaced:
+    # two files mapping to one name (Cov_x.mp4 + Cov_x.avi, "Cov x" + "Cov_x") would overwrite
+    # each other's frames silently; the later one is skipped and reported instead.
+    owner: dict[str, str] = {}
+    for item in list(selected):
+        name = _frame_name(item.source, 0)
+        if name in owner:
+            selected.remove(item)
+            item.excluded = (f"frame names collide with those of {owner[name]} (same path up to "
+                             f"extension/characters): rename one of the files")
+            item.kind = "unlabelled:" + item.kind  # recorded as skipped: a problem, not a choice
+        else:
+            owner[name] = item.source
     for item in items:
         if item.excluded:
             kind = item.kind.removeprefix("unlabelled:")
             status = "skipped" if item.kind.startswith("unlabelled:") else "excluded"
             if status == "skipped":
                 problems.append(f"{item.source}: {item.excluded}")
-            rows.append({"frame": "", "source": item.source, "class": item.cls or "", "label": -1,
+            rows.append({"frame": "", "source": item.source, "class": item.cls or "",
+                         "label": -1 if status == "excluded" else item.label,
                          "probe": item.probe, "kind": kind, "patient": item.patient,
                          "frame_index": "", "time_s": "", "fps": "", "width": "", "height": "",
                          "status": status, "reason": item.excluded})
-    started = time.monotonic()
     args = (str(raw_dir), str(out_dir), float(ds["rate_hz"]), int(ds["max_frames"]),
             ds.get("frame_max_side"))
-    if workers > 1:
-        with ProcessPoolExecutor(max_workers=workers) as pool:
-            futures = [pool.submit(process_file, item, *args) for item in selected]
-            results = []
-            for n, fut in enumerate(futures, 1):
-                results.append(fut.result())
-                if n % 20 == 0 or n == len(futures):
-                    log.info("decoded %d/%d files (%.0f s)", n, len(futures), time.monotonic() - started)
-    else:
-        results = []
-        for n, item in enumerate(selected, 1):
-            results.append(process_file(item, *args))
-            if n % 20 == 0 or n == len(selected):
-                log.info("decoded %d/%d files (%.0f s)", n, len(selected), time.monotonic() - started)
+    timeout_s = ds.get("decode_timeout_s", DEFAULT_DECODE_TIMEOUT_S)
+    timeout_s = float(timeout_s) if timeout_s else None
+    results = _decode_all(selected, args, workers, timeout_s, decode)
     for item, res in zip(selected, results):
         if res.error:
             problems.append(f"{item.source}: {res.error}")
@@ -353,8 +469,14 @@ def main(argv: Sequence[str] | None = None) -> None:
     params = load_params()
     ds = get(params, "dataset")
     out_dir = Path(ds["frames_dir"])
-    manifest = extract(Path(ds["raw_dir"]), out_dir, ds, workers=int(ds["workers"]),
-                       strict=bool(ds["strict"]))
+    kind = ds.get("kind", "lus_videos")
+    if kind == "lus_videos":
+        manifest = extract(Path(ds["raw_dir"]), out_dir, ds, workers=int(ds["workers"]),
+                           strict=bool(ds["strict"]))
+    else:  # image datasets (chest X-ray folders, MedMNIST) produce the same manifest
+        from pipeline.datasets import prepare
+
+        manifest = prepare(kind, Path(ds["raw_dir"]), out_dir, ds, strict=bool(ds["strict"]))
     manifest.to_csv(out_dir / "manifest.csv", index=False, quoting=csv.QUOTE_MINIMAL)
     info = summary(manifest)
     Path(ds["frames_summary"]).write_text(json.dumps(info, indent=2) + "\n")

@@ -80,6 +80,7 @@ class Tracker:
             if uri.startswith("sqlite:///"):
                 db = Path(uri.removeprefix("sqlite:///"))
                 db.parent.mkdir(parents=True, exist_ok=True)
+                open(db, "ab").close()  # a read-only store fails here, at once, not at the lock
                 # Parallel workers (dvc queue -j N, several trainings on one GPU) would otherwise
                 # race on creating the schema ("duplicate column") and the experiment.
                 with FileLock(str(db) + ".lock", timeout=120):
@@ -97,7 +98,7 @@ class Tracker:
         if mlflow.get_experiment_by_name(name) is None:
             try:
                 mlflow.create_experiment(name, artifact_location=artifacts)
-            except Exception:  # created meanwhile by a worker using another lock (team server)
+            except Exception:  # another client of a shared server created it meanwhile
                 if mlflow.get_experiment_by_name(name) is None:
                     raise
         mlflow.set_experiment(name)
@@ -121,7 +122,9 @@ class Tracker:
     @contextmanager
     def run(self, name: str, *, nested: bool = False, tags: Mapping[str, str] | None = None
             ) -> Iterator[None]:
-        active = self._call("start_run", run_name=name, nested=nested, tags=dict(tags or {}))
+        # MLflow would tag the entry script's absolute path (a home folder, a user name).
+        tags = {"mlflow.source.name": "pipeline/train.py", **dict(tags or {})}
+        active = self._call("start_run", run_name=name, nested=nested, tags=tags)
         try:
             yield
         finally:

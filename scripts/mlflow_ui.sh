@@ -1,0 +1,37 @@
+#!/usr/bin/env bash
+# Browse the project's MLflow store: `scripts/mlflow_ui.sh [extra mlflow ui options]`.
+#
+# The store is the one pipeline/tracking.py writes by default (the embedded SQLite database and
+# artifact folder under mlruns/ of this checkout). The UI has no authentication, so it listens on
+# 127.0.0.1 only; to reach it from another machine prefer an SSH tunnel
+# (`ssh -L 5000:127.0.0.1:5000 host`). MLFLOW_HOST=0.0.0.0 exposes it to the network on purpose;
+# then also restrict --allowed-hosts / --cors-allowed-origins.
+# MLFLOW_PORT picks the port (default 5000); MLFLOW_UI_DRY_RUN=1 prints the command instead.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+root="$(pwd)"
+host="${MLFLOW_HOST:-127.0.0.1}"
+port="${MLFLOW_PORT:-5000}"
+mlflow_bin="mlflow"
+[ -x .venv/bin/mlflow ] && mlflow_bin="$root/.venv/bin/mlflow"
+
+cmd=("$mlflow_bin" ui
+     --backend-store-uri "sqlite:///$root/mlruns/mlflow.db"
+     --default-artifact-root "$root/mlruns/artifacts"
+     --host "$host" --port "$port" "$@")
+
+case "$host" in
+  127.0.0.1|localhost|::1) ;;
+  *) echo "WARNING: MLflow UI on $host:$port is reachable from the network and has no" \
+          "authentication; restrict it with --allowed-hosts / --cors-allowed-origins." >&2 ;;
+esac
+
+# No telemetry from the UI either (as pipeline/tracking.py sets for the runs).
+export MLFLOW_DISABLE_TELEMETRY=true DO_NOT_TRACK=true
+
+if [ "${MLFLOW_UI_DRY_RUN:-0}" = "1" ]; then
+  echo "${cmd[*]}"
+  exit 0
+fi
+mkdir -p mlruns/artifacts
+exec "${cmd[@]}"

@@ -1,0 +1,234 @@
+"""Interruptions: a training killed with SIGKILL mid-run resumes to the same weights and metrics
+as an uninterrupted run (CPU), and a killed ``dvc repro`` leaves no stage that a later
+``dvc repro`` takes as done.
+
+``make_tiny_project`` (also used by ``test_tracking.py``) writes a real, tiny project: frames,
+manifest, splits and a ``params.yaml`` composed from ``conf/`` with small overrides.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import cv2
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+import yaml
+
+from pipeline.config import compose
+from tests.conftest import PROJECT_ROOT
+
+CLASSES = ("covid", "pneumonia", "healthy")
+PREFIX = {"covid": "Cov", "pneumonia": "Pneu", "healthy": "Reg"}
+# Per class: patient 0 is test in fold 0, 1 is val, 2 and 3 train; fold 1 rotates by two.
+ROLES = {0: ["test", "val", "train", "train"], 1: ["train", "train", "test", "val"]}
+
+
+def make_tiny_project(root: Path, *, epochs: int = 3, folds: tuple[int, ...] = (0,),
+                      frames_per_source: int = 4, tracking_uri: str | None = None,
+                      required: bool = False) -> dict:
+    """A project dir with 3 classes x 4 patients x 1 video, its manifest, 2-fold splits and
+    params.yaml (32 px images, CPU, no AMP). Returns the params written."""
+    rng = np.random.default_rng(0)
+    frames_dir, folds_dir = root / "data" / "frames", root / "data" / "folds"
+    frames_dir.mkdir(parents=True)
+    folds_dir.mkdir(parents=True)
+    rows, split_rows = [], []
+    for label, cls in enumerate(CLASSES):
+        for p in range(4):
+            source = f"pocus_videos/convex/{PREFIX[cls]}_p{p}.avi"
+            patient = f"file:{PREFIX[cls]}_p{p}"
+            for i in range(frames_per_source):
+                name = f"pocus_videos__convex__{PREFIX[cls]}_p{p}__f{i:05d}.jpg"
+                img = rng.integers(0, 80, (40, 40, 3), dtype=np.uint8)
+                img[:, : 10 + 10 * label] += 120  # a class signal the model can pick up
+                cv2.imwrite(str(frames_dir / name), img)
+                rows.append({"frame": name, "source": source, "class": cls, "label": label,
+                             "probe": "convex", "kind": "video", "patient": patient,
+                             "frame_index": i, "time_s": i / 3, "fps": 30.0, "width": 40,
+                             "height": 40, "status": "used", "reason": ""})
+            for fold, roles in ROLES.items():
+                split_rows.append({"fold": fold, "source": source, "patient": patient,
+                                   "class": cls, "label": label, "frames": frames_per_source,
+                                   "split": roles[p]})
+    pd.DataFrame(rows).to_csv(frames_dir / "manifest.csv", index=False)
+    pd.DataFrame(split_rows).to_csv(folds_dir / "splits.csv", index=False)
+    params = compose([])
+    params["dataset"].update(frames_dir="data/frames")
+    params["folds"].update(dir="data/folds", k=2)
+    params["train"].update(image_size=32, epochs=epochs, batch_size=8, max_frames_per_source=None,
+                           folds=list(folds), device="cpu", amp=False, channels_last=False)
+    params["tracking"].update(uri=tracking_uri or f"sqlite:///{root / 'mlruns' / 'mlflow.db'}",
+                              required=required)
+    (root / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+    return params
+
+
+def _env() -> dict[str, str]:
+    # One thread: the same reduction order in every run, and no fight over the 2 shared cores.
+    return {**os.environ, "PYTHONPATH": str(PROJECT_ROOT), "OMP_NUM_THREADS": "1",
+            "MKL_NUM_THREADS": "1", "DVC_NO_ANALYTICS": "1", "MLFLOW_DISABLE_TELEMETRY": "true"}
+
+
+TRAIN_CMD = [sys.executable, "-m", "pipeline.train", "model=mini_covidnet", "loss=ce", "fold=0"]
+
+
+def _train_subprocess(cwd: Path, timeout: float = 300) -> None:
+    proc = subprocess.run(TRAIN_CMD, cwd=cwd, env=_env(), capture_output=True, text=True,
+                          timeout=timeout)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+
+
+def _train_in_process(cwd: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The same command in this process (no 10 s of imports); paths are relative to the cwd."""
+    from pipeline.config import load_params
+    from pipeline.train import run
+
+    with monkeypatch.context() as m:
+        m.chdir(cwd)
+        run(load_params(), "mini_covidnet", "ce", [0])
+
+
+@pytest.fixture
+def one_thread():
+    """The thread count of the subprocesses (``OMP_NUM_THREADS=1``): CPU kernels may sum in
+    another order with another count, and the comparison is bit for bit."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+def _kill_after_first_epoch(cwd: Path, epochs: int) -> None:
+    """Start the training and SIGKILL it as soon as its first epoch's resume state exists."""
+    resume_dir = cwd / ".cache" / "resume"
+    proc = subprocess.Popen(TRAIN_CMD, cwd=cwd, env=_env(), stdout=subprocess.DEVNULL,
+                            stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + 240
+    try:
+        while not list(resume_dir.glob("*/fold_0-*.pt")):
+            assert proc.poll() is None, f"training ended before its first epoch: {proc.stderr.read()}"
+            assert time.monotonic() < deadline, "no resume state after 240 s"
+            time.sleep(0.01)
+        proc.send_signal(signal.SIGKILL)
+    finally:
+        proc.kill()
+        proc.wait()
+    state = torch.load(next(resume_dir.glob("*/fold_0-*.pt")), weights_only=False)["state"]
+    assert state["epoch"] < epochs - 1, "killed after the last epoch: nothing left to resume"
+    assert not (cwd / "models" / "mini_covidnet-ce" / "fold_0" / "metrics.json").exists()
+
+
+def _outputs(cwd: Path) -> tuple[dict, dict, pd.DataFrame, pd.DataFrame]:
+    fold = cwd / "models" / "mini_covidnet-ce" / "fold_0"
+    ckpt = torch.load(fold / "best.pt", map_location="cpu", weights_only=False)
+    metrics = json.loads((fold / "metrics.json").read_text())
+    history = pd.read_csv(fold / "history.csv")
+    preds = pd.read_csv(fold / "test_predictions.csv")
+    return ckpt, metrics, history, preds
+
+
+@pytest.mark.parametrize("rerun", ["in_process", pytest.param("subprocess", marks=pytest.mark.slow)])
+def test_killed_training_resumes_to_identical_weights(tmp_path, monkeypatch, one_thread, rerun):
+    epochs = 4
+    clean, killed = tmp_path / "clean", tmp_path / "killed"
+    store = f"sqlite:///{tmp_path / 'mlruns' / 'mlflow.db'}"  # one store: created once
+    for d in (clean, killed):
+        make_tiny_project(d, epochs=epochs, tracking_uri=store)
+    _train_in_process(clean, monkeypatch)  # the uninterrupted reference
+
+    _kill_after_first_epoch(killed, epochs)
+    if rerun == "subprocess":
+        _train_subprocess(killed)
+    else:
+        _train_in_process(killed, monkeypatch)
+    assert not list((killed / ".cache" / "resume").glob("*/fold_0-*.pt"))  # cleaned up when done
+
+    (ck_a, m_a, h_a, p_a), (ck_b, m_b, h_b, p_b) = _outputs(clean), _outputs(killed)
+    assert ck_a["state_dict"].keys() == ck_b["state_dict"].keys()
+    for k in ck_a["state_dict"]:
+        assert torch.equal(ck_a["state_dict"][k], ck_b["state_dict"][k]), k
+    assert {k: v for k, v in ck_a.items() if k != "state_dict"} == \
+           {k: v for k, v in ck_b.items() if k != "state_dict"}
+    # Wall-clock fields are the only ones allowed to differ.
+    assert m_a.pop("train_seconds") > 0 and m_b.pop("train_seconds") > 0
+    assert m_a == m_b
+    pd.testing.assert_frame_equal(h_a.drop(columns="seconds"), h_b.drop(columns="seconds"),
+                                  check_exact=True)
+    pd.testing.assert_frame_equal(p_a, p_b, check_exact=True)
+    assert len(h_b) == epochs
+
+
+DVC_YAML = """\
+stages:
+  prepare:
+    cmd: python -c "open('a.txt', 'w').write('a\\n')"
+    outs: [a.txt]
+  slow:
+    cmd: python slow.py
+    deps: [a.txt, slow.py]
+    outs: [b.txt]
+"""
+SLOW_PY = """\
+import time
+with open("b.txt", "w") as f:
+    f.write("partial\\n")
+    f.flush()
+    time.sleep(float(open("sleep_s").read()))
+    f.write("complete\\n")
+"""
+
+
+def _dvc(cwd: Path, *args: str, check: bool = True) -> subprocess.CompletedProcess:
+    dvc = shutil.which("dvc", path=str(Path(sys.executable).parent)) or "dvc"
+    proc = subprocess.run([dvc, *args], cwd=cwd, env=_env(), capture_output=True, text=True,
+                          timeout=120)
+    if check:
+        assert proc.returncode == 0, f"dvc {' '.join(args)}: {proc.stdout}\n{proc.stderr}"
+    return proc
+
+
+def test_killed_dvc_repro_is_not_taken_as_done(tmp_path):
+    repo = tmp_path / "repo"
+    repo.mkdir()
+    subprocess.run(["git", "init", "-q"], cwd=repo, check=True)  # a scratch repo, not the project's
+    _dvc(repo, "init", "-q")
+    (repo / "dvc.yaml").write_text(DVC_YAML)
+    (repo / "slow.py").write_text(SLOW_PY)
+    (repo / "sleep_s").write_text("60")
+
+    dvc = shutil.which("dvc", path=str(Path(sys.executable).parent)) or "dvc"
+    proc = subprocess.Popen([dvc, "repro"], cwd=repo, env=_env(), stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True, start_new_session=True)
+    try:
+        deadline = time.monotonic() + 90
+        while not (repo / "b.txt").is_file() or (repo / "b.txt").stat().st_size == 0:
+            assert proc.poll() is None, proc.stdout.read()
+            assert time.monotonic() < deadline, "stage 'slow' never started"
+            time.sleep(0.05)
+        os.killpg(proc.pid, signal.SIGKILL)  # dvc and the stage it runs, as a power cut would
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()
+
+    lock = yaml.safe_load((repo / "dvc.lock").read_text()) if (repo / "dvc.lock").exists() else {}
+    assert "prepare" in lock.get("stages", {}) and "slow" not in lock.get("stages", {})
+    status = _dvc(repo, "status", "--json")
+    assert "slow" in json.loads(status.stdout)  # changed / not in the lock, never "up to date"
+    assert "prepare" not in json.loads(status.stdout)
+
+    (repo / "sleep_s").write_text("0")  # not a dependency: the rerun is not forced by it
+    out = _dvc(repo, "repro").stdout
+    assert "Running stage 'slow'" in out and "Running stage 'prepare'" not in out
+    assert (repo / "b.txt").read_text() == "partial\ncomplete\n"
+    assert json.loads(_dvc(repo, "status", "--json").stdout) == {}
