@@ -122,11 +122,33 @@ def fetch(sources: Sequence[str], checksums: dict[str, str], dest: Path) -> dict
                           + "\nFix a source in params (dataset.sources) or restore the file.")
 
 
+def write_checksums(folder: Path) -> str:
+    """A ``sha256sum``-style list of every file under ``folder`` (paths relative to it): how a
+    user pins their own dataset (``dataset.checksums``) before running the pipeline on it."""
+    files = sorted(p for p in folder.rglob("*") if p.is_file())
+    if not files:
+        raise DataSourceError(f"{folder} holds no files")
+    return "".join(f"{sha256(p)}  {p.relative_to(folder).as_posix()}\n" for p in files)
+
+
 def main(argv: Sequence[str] | None = None) -> None:
+    """``python -m pipeline.fetch_data`` (the stage), or
+    ``python -m pipeline.fetch_data --write-checksums FOLDER > list.sha256`` to pin a dataset."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv[:1] == ["--write-checksums"]:
+        if len(argv) != 2:
+            sys.exit("usage: python -m pipeline.fetch_data --write-checksums FOLDER > FILE.sha256")
+        sys.stdout.write(write_checksums(Path(argv[1])))
+        return
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     params = load_params()
     ds = get(params, "dataset")
-    checksums = read_checksums(resolve_path(get(ds, "checksums"), root=Path.cwd()))
+    listed = ds.get("checksums")
+    if not listed:
+        raise DataSourceError("dataset.checksums is not set: pin the data first with "
+                              "`python -m pipeline.fetch_data --write-checksums FOLDER > "
+                              "data/<name>.sha256` and name that file in dataset.checksums")
+    checksums = read_checksums(resolve_path(listed, root=Path.cwd()))
     record = fetch(get(ds, "sources"), checksums, Path(get(ds, "raw_dir")))
     Path("data").mkdir(exist_ok=True)
     Path("data/fetch.json").write_text(json.dumps(record, indent=2) + "\n")

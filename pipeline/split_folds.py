@@ -134,14 +134,24 @@ def main(argv: Sequence[str] | None = None) -> None:
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     params = load_params()
     cfg, ds = get(params, "folds"), get(params, "dataset")
-    manifest = pd.read_csv(Path(ds["frames_dir"]) / "manifest.csv")
-    splits = make_splits(manifest, cfg)
+    manifest = pd.read_csv(Path(ds["frames_dir"]) / "manifest.csv", dtype={"patient": str})
+    method = cfg.get("method", "stratified_group_kfold")
+    if method == "fixed":  # the dataset's own train/val/test split (MedMNIST, folder layouts)
+        from pipeline.datasets import make_fixed_splits
+
+        splits = make_fixed_splits(manifest, val_fraction=float(cfg["val_fraction"]),
+                                   seed=int(cfg["seed"]))
+    elif method == "stratified_group_kfold":
+        splits = make_splits(manifest, cfg)
+    else:
+        raise ValueError(f"folds.method={method!r}: use stratified_group_kfold or fixed")
     out = Path(cfg["dir"])
     out.mkdir(parents=True, exist_ok=True)
     splits.to_csv(out / "splits.csv", index=False)
     table = fold_table(splits, list(get(ds, "classes")))
     table.to_csv(out / "table1.csv", index=False)
-    summary = {"k": int(cfg["k"]), "seed": int(cfg["seed"]), "validation": cfg["validation"],
+    summary = {"method": method, "k": int(splits["fold"].nunique()), "seed": int(cfg["seed"]),
+               "validation": cfg["validation"],
                "leaky_validation": cfg["validation"] == "test_fold",
                "patients": int(splits["patient"].nunique()),
                "test_frames_per_fold": {int(r.fold): int(r.total_frames) for r in table.itertuples()}}

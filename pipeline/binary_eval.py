@@ -1,0 +1,341 @@
+"""Stage ``binary_eval``: the binary-task figures of the chest X-ray COVID-19 study (ResNet50).
+
+For each grid cell, from ``models/<cell>/predictions.csv`` (score = probability of
+``dataset.positive_class``): accuracy, sensitivity, specificity, precision and F1 at fixed
+thresholds (the study's 0.15/0.20/0.25/0.30), the operating point at a target sensitivity (the
+study's 97.3%) with the specificity it reaches, Wald 95% intervals (the study's
+``z * sqrt(p (1 - p) / N)``), and the predicted-score histogram per subgroup (the manifest's
+``finding`` column, else the true class). The t-SNE of penultimate features is optional
+(``binary.tsne``): it needs the fold's checkpoint and test images.
+
+A sample is called positive when its score is >= the threshold.
+Writes ``reports/binary/<cell>/`` (``sweep.csv``, ``sweep_by_fold.csv``, ``sweep.md``,
+``operating_point.json``, ``histogram.png`` + ``.csv``, ``tsne.png``) and the compact figures
+to ``reports/binary_metrics.json`` (outside the folder, so DVC can track it as metrics).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import sys
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import NamedTuple
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+import numpy as np  # noqa: E402
+import pandas as pd  # noqa: E402
+import torch  # noqa: E402
+from sklearn.metrics import roc_auc_score  # noqa: E402
+
+from pipeline.config import ConfigError, get, load_params  # noqa: E402
+
+log = logging.getLogger("pipeline.binary_eval")
+
+DEFAULT_THRESHOLDS = (0.15, 0.20, 0.25, 0.30)
+DEFAULTS = {"thresholds": list(DEFAULT_THRESHOLDS), "target_sensitivity": 0.973, "z": 1.96,
+            "bins": 20, "tsne": False, "tsne_fold": 0, "tsne_max": 2000, "dir": "reports/binary",
+            "metrics": "reports/binary_metrics.json"}
+
+
+class WaldCI(NamedTuple):
+    """A Wald interval: ``point +- half_width``, bounds clipped to [0, 1]."""
+
+    low: float
+    high: float
+    half_width: float
+
+
+def wald_ci(p: float, n: int, z: float = 1.96) -> WaldCI:
+    """The study's interval of a proportion ``p`` over ``n`` samples: ``z sqrt(p(1-p)/n)``.
+
+    NaN when ``n`` is 0 or ``p`` is undefined.
+    """
+    if not n or p is None or not math.isfinite(p):
+        return WaldCI(math.nan, math.nan, math.nan)
+    r = z * math.sqrt(p * (1.0 - p) / n)
+    return WaldCI(max(0.0, p - r), min(1.0, p + r), r)
+
+
+def _ratio(a: float, b: float) -> float:
+    return a / b if b else math.nan
+
+
+def _check(y_true: Sequence[int] | np.ndarray, score: Sequence[float] | np.ndarray
+           ) -> tuple[np.ndarray, np.ndarray]:
+    y = np.asarray(y_true).astype(int).ravel()
+    s = np.asarray(score, dtype=np.float64).ravel()
+    if y.shape != s.shape or y.size == 0:
+        raise ValueError(f"y_true ({y.size}) and score ({s.size}) must be equal-length and non-empty")
+    if not np.isin(y, (0, 1)).all():
+        raise ValueError(f"y_true must be 0/1 (1 = positive class); got values {np.unique(y).tolist()}")
+    return y, s
+
+
+def confusion_at(y_true: np.ndarray, score: np.ndarray, threshold: float, z: float = 1.96) -> dict:
+    """Counts and figures of merit when ``score >= threshold`` is called positive."""
+    y, s = _check(y_true, score)
+    pred = s >= threshold
+    tp, fn = int((pred & (y == 1)).sum()), int((~pred & (y == 1)).sum())
+    fp, tn = int((pred & (y == 0)).sum()), int((~pred & (y == 0)).sum())
+    sens, spec = _ratio(tp, tp + fn), _ratio(tn, tn + fp)
+    acc = (tp + tn) / y.size
+    return {"threshold": float(threshold), "tp": tp, "fp": fp, "tn": tn, "fn": fn,
+            "accuracy": acc, "sensitivity": sens, "specificity": spec,
+            "precision": _ratio(tp, tp + fp), "f1": _ratio(2 * tp, 2 * tp + fp + fn),
+            "accuracy_ci": wald_ci(acc, y.size, z).half_width,
+            "sensitivity_ci": wald_ci(sens, tp + fn, z).half_width,
+            "specificity_ci": wald_ci(spec, tn + fp, z).half_width}
+
+
+def threshold_sweep(y_true: Sequence[int] | np.ndarray, score: Sequence[float] | np.ndarray,
+                    thresholds: Sequence[float] = DEFAULT_THRESHOLDS, z: float = 1.96) -> pd.DataFrame:
+    """One row per threshold: counts, accuracy, sensitivity, specificity, precision, F1 and the
+    Wald half-widths (``*_ci``) of accuracy, sensitivity and specificity."""
+    return pd.DataFrame([confusion_at(y_true, score, t, z) for t in thresholds])
+
+
+def operating_point(y_true: Sequence[int] | np.ndarray, score: Sequence[float] | np.ndarray,
+                    target_sensitivity: float = 0.973, z: float = 1.96) -> dict:
+    """The highest threshold whose sensitivity is at least ``target_sensitivity`` (so the
+    highest specificity at that sensitivity), with the figures reached there.
+
+    Raises:
+        ValueError: no positive sample, or a target outside (0, 1].
+    """
+    y, s = _check(y_true, score)
+    if not 0 < target_sensitivity <= 1:
+        raise ValueError(f"target_sensitivity must be in (0, 1]; got {target_sensitivity}")
+    pos = np.sort(s[y == 1])[::-1]
+    if pos.size == 0:
+        raise ValueError("no positive sample: sensitivity is undefined")
+    # Sensitivity at t counts positives with score >= t: the k-th highest positive score is the
+    # highest threshold that keeps k of them (the epsilon absorbs 0.973 * 1000 = 973.0000000001).
+    k = max(1, math.ceil(target_sensitivity * pos.size - 1e-9))
+    point = confusion_at(y, s, float(pos[k - 1]), z)
+    return {"target_sensitivity": float(target_sensitivity), **point,
+            "n_positive": int(pos.size), "n_negative": int((y == 0).sum())}
+
+
+def score_histograms(df: pd.DataFrame, score_col: str, subgroup_col: str, out_png: str | Path,
+                     bins: int = 20, threshold: float | None = None, title: str = "") -> pd.DataFrame:
+    """Histogram of ``score_col`` for each value of ``subgroup_col`` (the study's Fig. 6).
+
+    Returns:
+        The counts: ``subgroup, bin_low, bin_high, count`` (also the plotted data).
+    """
+    edges = np.linspace(0.0, 1.0, int(bins) + 1)
+    fig, ax = plt.subplots(figsize=(6, 4))
+    rows = []
+    for group, part in df.groupby(subgroup_col, sort=True):
+        counts, _ = np.histogram(np.clip(part[score_col].to_numpy(float), 0, 1), bins=edges)
+        ax.hist(edges[:-1], bins=edges, weights=counts, histtype="step", linewidth=1.5,
+                label=f"{group} (n={len(part)})")
+        rows += [{"subgroup": group, "bin_low": lo, "bin_high": hi, "count": int(c)}
+                 for lo, hi, c in zip(edges[:-1], edges[1:], counts)]
+    if threshold is not None:
+        ax.axvline(threshold, color="k", linestyle="--", linewidth=1, label=f"threshold {threshold:.3g}")
+    ax.set_xlabel(f"predicted score ({score_col})")
+    ax.set_ylabel("images")
+    ax.set_yscale("log")
+    ax.set_title(title)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    Path(out_png).parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(out_png, dpi=120)
+    plt.close(fig)
+    return pd.DataFrame(rows, columns=["subgroup", "bin_low", "bin_high", "count"])
+
+
+@torch.no_grad()
+def penultimate_features(model: torch.nn.Module, images: torch.Tensor, batch_size: int = 64,
+                         module: torch.nn.Module | None = None) -> np.ndarray:
+    """Features entering the classification head (``model.head`` unless ``module`` is given),
+    captured by a forward pre-hook; feature maps are averaged over their spatial dimensions.
+
+    Args:
+        images: ``N x 3 x S x S``, uint8 (0-255) or float in [0, 1].
+    """
+    target = module if module is not None else model.head
+    captured: list[torch.Tensor] = []
+    handle = target.register_forward_pre_hook(lambda _m, inputs: captured.append(inputs[0].detach()))
+    was_training = model.training
+    model.eval()
+    device = next(model.parameters()).device
+    try:
+        for start in range(0, len(images), batch_size):
+            x = images[start:start + batch_size]
+            x = x.float().div(255.0) if x.dtype == torch.uint8 else x.float()
+            model(x.to(device))
+    finally:
+        handle.remove()
+        model.train(was_training)
+    feats = torch.cat([c.flatten(2).mean(2) if c.dim() > 2 else c for c in captured])
+    return feats.cpu().numpy()
+
+
+def tsne_plot(features: np.ndarray, labels: Sequence, out_png: str | Path, seed: int,
+              perplexity: float = 30.0, title: str = "") -> np.ndarray:
+    """2-D t-SNE of ``features`` coloured by ``labels`` (the study's Fig. 8); returns the
+    embedding. The perplexity is lowered for small sample counts (it must be < n)."""
+    from sklearn.manifold import TSNE
+    from threadpoolctl import threadpool_limits
+
+    features = np.asarray(features, dtype=np.float64)
+    n = len(features)
+    if n < 3:
+        raise ValueError(f"t-SNE needs at least 3 samples; got {n}")
+    perplexity = min(float(perplexity), max(1.0, (n - 1) / 3))
+    tsne = TSNE(n_components=2, perplexity=perplexity, random_state=int(seed), init="pca")
+    # On small inputs OpenMP threads cost more than they gain (seconds per call on a busy
+    # machine, where idle threads spin); large inputs keep them.
+    with threadpool_limits(1 if n < 5000 else None, user_api="openmp"):
+        emb = tsne.fit_transform(features)
+    labels = np.asarray(labels)
+    fig, ax = plt.subplots(figsize=(5, 5))
+    for lab in pd.unique(labels):
+        m = labels == lab
+        ax.scatter(emb[m, 0], emb[m, 1], s=6, alpha=0.7, label=f"{lab} (n={int(m.sum())})")
+    ax.set_xticks([])
+    ax.set_yticks([])
+    ax.set_title(title)
+    ax.legend(fontsize=8, markerscale=2)
+    fig.tight_layout()
+    Path(out_png).parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(out_png, dpi=120)
+    plt.close(fig)
+    return emb
+
+
+# --------------------------------------------------------------------------------------------
+# Stage
+# --------------------------------------------------------------------------------------------
+def _markdown(pooled: pd.DataFrame, by_fold: pd.DataFrame, op: Mapping, cell: str,
+              positive: str) -> str:
+    cols = ["accuracy", "sensitivity", "specificity", "precision", "f1"]
+    shown = pd.DataFrame({"threshold": pooled["threshold"].map(lambda t: f"{t:.2f}")})
+    for c in cols:
+        shown[c] = [f"{v:.3f} ± {h:.3f}" if f"{c}_ci" in pooled else f"{v:.3f}"
+                    for v, h in zip(pooled[c], pooled.get(f"{c}_ci", pooled[c]))]
+    stats = by_fold.groupby("threshold")[cols].agg(["mean", "std"]).fillna(0.0)
+    folds = pd.DataFrame({"threshold": [f"{t:.2f}" for t in stats.index]})
+    for c in cols:
+        folds[c] = [f"{m:.3f} ± {s:.3f}" for m, s in zip(stats[(c, "mean")], stats[(c, "std")])]
+    table = shown.to_markdown(index=False, disable_numparse=True)
+    fold_table = folds.to_markdown(index=False, disable_numparse=True)
+    return (f"# {cell}: {positive} vs rest\n\n"
+            f"Pooled over folds (± Wald 95% half-width):\n\n{table}\n\n"
+            f"Per fold (mean ± std over {by_fold['fold'].nunique()} folds):\n\n{fold_table}\n\n"
+            f"Operating point at sensitivity >= {op['target_sensitivity']:.3f}: threshold "
+            f"{op['threshold']:.4f}, sensitivity {op['sensitivity']:.3f} ± "
+            f"{op['sensitivity_ci']:.3f}, specificity {op['specificity']:.3f} ± "
+            f"{op['specificity_ci']:.3f} ({op['n_positive']} positive, {op['n_negative']} "
+            f"negative images).\n")
+
+
+def evaluate_cell(preds: pd.DataFrame, classes: Sequence[str], positive: str, cfg: Mapping,
+                  out_dir: Path, subgroups: pd.Series | None = None) -> dict:
+    """Write one cell's sweep, operating point and histogram; return its compact figures."""
+    col = f"prob_{positive}"
+    if col not in preds.columns:
+        raise KeyError(f"predictions lack column {col} (classes {list(classes)})")
+    y = (preds["y_true"].to_numpy() == list(classes).index(positive)).astype(int)
+    s = preds[col].to_numpy(float)
+    z = float(cfg["z"])
+    out_dir.mkdir(parents=True, exist_ok=True)
+    pooled = threshold_sweep(y, s, cfg["thresholds"], z)
+    pooled.to_csv(out_dir / "sweep.csv", index=False)
+    by_fold = pd.concat([threshold_sweep(y[m], s[m], cfg["thresholds"], z).assign(fold=f)
+                         for f in sorted(preds["fold"].unique())
+                         for m in [preds["fold"].to_numpy() == f]], ignore_index=True)
+    by_fold.to_csv(out_dir / "sweep_by_fold.csv", index=False)
+    op = operating_point(y, s, float(cfg["target_sensitivity"]), z)
+    auc = float(roc_auc_score(y, s)) if 0 < y.sum() < len(y) else math.nan
+    op["auc"] = auc
+    (out_dir / "operating_point.json").write_text(json.dumps(op, indent=2) + "\n")
+    (out_dir / "sweep.md").write_text(_markdown(pooled, by_fold, op, out_dir.name, positive))
+    groups = subgroups if subgroups is not None else pd.Series(
+        [classes[i] for i in preds["y_true"]], index=preds.index)
+    hist = score_histograms(pd.DataFrame({"score": s, "subgroup": groups.fillna("?").to_numpy()}),
+                            "score", "subgroup", out_dir / "histogram.png", int(cfg["bins"]),
+                            op["threshold"], f"{out_dir.name}: P({positive})")
+    hist.to_csv(out_dir / "histogram.csv", index=False)
+    return {"auc": auc, "operating_point": {k: op[k] for k in
+                                            ("threshold", "sensitivity", "specificity", "accuracy")},
+            "sweep": {f"{r.threshold:.2f}": {"accuracy": r.accuracy, "sensitivity": r.sensitivity,
+                                             "specificity": r.specificity, "f1": r.f1}
+                      for r in pooled.itertuples()}}
+
+
+def _tsne_cell(cell_dir: Path, preds: pd.DataFrame, frames_dir: Path, cfg: Mapping, seed: int,
+               out_png: Path) -> None:
+    from pipeline.checkpoint import load_model
+    from pipeline.data import decode_frames
+
+    fold = int(cfg["tsne_fold"])
+    part = preds[preds["fold"] == fold]
+    if len(part) > int(cfg["tsne_max"]):
+        part = part.sample(int(cfg["tsne_max"]), random_state=seed)
+    model, ckpt = load_model(cell_dir / f"fold_{fold}" / "best.pt")
+    images = torch.from_numpy(decode_frames([frames_dir / f for f in part["frame"]], ckpt["image_size"]))
+    feats = penultimate_features(model, images)
+    classes = ckpt["classes"]
+    tsne_plot(feats, [classes[i] for i in part["y_true"]], out_png, seed,
+              title=f"{cell_dir.name}, fold {fold}: features entering the head")
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    params = load_params()
+    ds = get(params, "dataset")
+    classes = list(ds["classes"])
+    cfg = {**DEFAULTS, **(params.get("binary") or {})}
+    out = Path(cfg["dir"])
+    out.mkdir(parents=True, exist_ok=True)
+    positive = ds.get("positive_class")
+    metrics_path = Path(cfg["metrics"])
+    if positive is None:
+        metrics_path.write_text("{}\n")
+        (out / "README.md").write_text("dataset.positive_class is not set: no binary figures.\n")
+        log.info("dataset.positive_class not set: nothing to do")
+        return
+    if positive not in classes:
+        raise ConfigError(f"dataset.positive_class={positive!r} is not one of dataset.classes {classes}")
+    manifest_path = Path(ds["frames_dir"]) / "manifest.csv"
+    findings = None
+    if manifest_path.is_file():
+        manifest = pd.read_csv(manifest_path, dtype=str, keep_default_na=False)
+        if "finding" in manifest.columns:
+            findings = manifest[manifest["status"] == "used"].set_index("frame")["finding"]
+    compact = {}
+    for model_name in get(params, "grid.models"):
+        for loss_name in get(params, "grid.losses"):
+            cell = f"{model_name}-{loss_name}"
+            path = Path("models") / cell / "predictions.csv"
+            if not path.is_file():
+                raise FileNotFoundError(f"{path} missing: train stage for {cell} has not run (dvc repro)")
+            preds = pd.read_csv(path, dtype={"patient": str})
+            groups = None
+            if findings is not None:
+                groups = preds["frame"].map(findings).replace("", np.nan)
+            compact[cell] = evaluate_cell(preds, classes, positive, cfg, out / cell, groups)
+            if cfg["tsne"]:
+                _tsne_cell(Path("models") / cell, preds, Path(ds["frames_dir"]), cfg,
+                           int(params.get("seed", 0)), out / cell / "tsne.png")
+            log.info("%s: AUC %.3f; at sensitivity >= %.3f: threshold %.3f, specificity %.3f", cell,
+                     compact[cell]["auc"], cfg["target_sensitivity"],
+                     compact[cell]["operating_point"]["threshold"],
+                     compact[cell]["operating_point"]["specificity"])
+    metrics_path.write_text(json.dumps(compact, indent=2) + "\n")
+
+
+if __name__ == "__main__":
+    try:
+        main(sys.argv[1:])
+    except ConfigError as exc:
+        sys.exit(f"config error: {exc}")

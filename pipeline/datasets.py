@@ -1,0 +1,491 @@
+"""Image datasets -> the same frame images + manifest as the lung-ultrasound extraction.
+
+Each adapter turns one on-disk layout into frame images (8-bit, 3 channels, longer side capped
+at ``dataset.frame_max_side``) and a manifest with the columns of
+:data:`pipeline.extract_frames.MANIFEST_COLUMNS` (one row per image; ``source`` = the image,
+``kind`` = ``image``), plus optional columns: ``split`` (a dataset's fixed train/val/test split),
+``finding`` (a subgroup for score histograms) and ``view``. Training, evaluation and the report
+then need no change; ``split_folds`` makes the folds (patient-grouped k-fold, or
+:func:`make_fixed_splits` for a fixed split).
+
+Kinds (``dataset.kind``):
+
+* ``image_manifest``: an image folder plus a CSV with one row per image (path, label, optional
+  patient id, view, finding); labels map to classes through ``dataset.classes``.
+* ``image_folders``: the Keras ``flow_from_directory`` layout ``<split>/<class folder>/<image>``.
+* ``medmnist_npz``: a MedMNIST ``.npz`` (``train_images``, ``train_labels``, ``val_*``, ``test_*``).
+
+As in the video extraction, every input is accounted for: an image that gives no frame has a
+row with status ``excluded`` (left out by the selection) or ``skipped`` (unusable: missing or
+unreadable file, unknown label), and in strict mode any ``skipped`` input raises
+:class:`DatasetError` naming it.
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+from collections.abc import Callable, Mapping, Sequence
+from concurrent.futures import ProcessPoolExecutor
+from pathlib import Path
+
+import cv2
+import numpy as np
+import pandas as pd
+
+from pipeline.config import ConfigError
+from pipeline.extract_frames import IMAGE_EXTS, MANIFEST_COLUMNS, to_rgb8
+
+log = logging.getLogger("pipeline.datasets")
+
+EXTRA_COLUMNS = ["split", "finding", "view"]
+SPLITS = ("train", "val", "test")
+JPEG_QUALITY = 95
+
+
+class DatasetError(RuntimeError):
+    """An input image or label the adapter cannot use (strict mode), or a malformed dataset."""
+
+
+# --------------------------------------------------------------------------------------------
+# Shared pieces
+# --------------------------------------------------------------------------------------------
+def label_map(classes: Mapping[str, Sequence], key: str = "dataset.classes") -> dict[str, str]:
+    """``{label value (as text): class name}`` from ``class name -> [label values]``.
+
+    Raises:
+        ConfigError: a label value listed under two classes.
+    """
+    out: dict[str, str] = {}
+    for cls, values in classes.items():
+        for value in ([values] if isinstance(values, (str, int)) else values):
+            text = str(value).strip()
+            if text in out and out[text] != cls:
+                raise ConfigError(f"{key}: label '{text}' is listed under both '{out[text]}' and "
+                                  f"'{cls}'; give each label value to one class")
+            out[text] = cls
+    return out
+
+
+def _frame_name(source: str, ext: str, taken: set[str]) -> str:
+    """A flat, unique file name for the frame of ``source`` (its path with '/' -> '__')."""
+    stem = re.sub(r"[^A-Za-z0-9_.+-]", "_", Path(source).with_suffix("").as_posix().replace("/", "__"))
+    name, n = f"{stem}.{ext}", 2
+    while name in taken:  # a.png and a.jpg in one folder
+        name, n = f"{stem}__{n}.{ext}", n + 1
+    taken.add(name)
+    return name
+
+
+def _convert(job: tuple[str, str, int | None, str]) -> tuple[int, int] | str:
+    """Read one image file, write it as an 8-bit 3-channel frame; (width, height) or an error."""
+    src, dst, max_side, fmt = job
+    try:
+        img = cv2.imread(src, cv2.IMREAD_UNCHANGED)
+        if img is None:
+            return "not a readable image (OpenCV could not decode it)"
+        return _write_frame(to_rgb8(img), Path(dst), max_side, fmt)
+    except (OSError, cv2.error) as exc:
+        return f"{type(exc).__name__}: {exc}"
+
+
+def _write_frame(bgr: np.ndarray, path: Path, max_side: int | None, fmt: str) -> tuple[int, int]:
+    img = bgr
+    h, w = img.shape[:2]
+    if max_side and max(h, w) > max_side:  # shrink only (as the video frames); never enlarge
+        scale = max_side / max(h, w)
+        img = cv2.resize(img, (max(1, round(w * scale)), max(1, round(h * scale))),
+                         interpolation=cv2.INTER_AREA)
+    params = [cv2.IMWRITE_JPEG_QUALITY, JPEG_QUALITY] if fmt == "jpg" else []
+    if not cv2.imwrite(str(path), img, params):
+        raise OSError(f"could not write frame {path}")
+    return int(img.shape[1]), int(img.shape[0])
+
+
+def _convert_all(jobs: list[tuple[str, str, int | None, str]], workers: int) -> list:
+    if workers > 1 and len(jobs) > 64:
+        with ProcessPoolExecutor(max_workers=workers) as pool:
+            return list(pool.map(_convert, jobs, chunksize=32))
+    return [_convert(j) for j in jobs]
+
+
+def _frame_format(ds: Mapping, default: str) -> str:
+    fmt = str(ds.get("frame_format") or default).lower().lstrip(".")
+    fmt = "jpg" if fmt == "jpeg" else fmt
+    if fmt not in ("jpg", "png"):
+        raise ConfigError(f"dataset.frame_format={fmt!r}: use jpg or png")
+    return fmt
+
+
+def _row(source: str, *, cls: str = "", label: int = -1, patient: str = "", status: str,
+         reason: str = "", frame: str = "", size: tuple[int, int] | None = None,
+         **extra: str) -> dict:
+    """One manifest row of a still image (frame 0) or of an input that gave no frame."""
+    used = status == "used"
+    return {"frame": frame, "source": source, "class": cls, "label": label, "probe": "",
+            "kind": "image", "patient": patient, "frame_index": 0 if used else "",
+            "time_s": 0.0 if used else "", "fps": "",
+            "width": size[0] if size else "", "height": size[1] if size else "",
+            "status": status, "reason": reason, **extra}
+
+
+def _finish(rows: list[dict], problems: list[str], classes: Sequence[str], strict: bool,
+            what: str) -> pd.DataFrame:
+    """The manifest of ``rows``; raise (strict) or log the problems; check every class is used."""
+    extra = [c for c in EXTRA_COLUMNS if any(c in r for r in rows)]
+    manifest = pd.DataFrame(rows, columns=MANIFEST_COLUMNS + extra)
+    used = manifest[manifest["status"] == "used"]
+    for cls in classes:
+        if not (used["class"] == cls).any():
+            problems.append(f"class '{cls}' has no image in {what}: check dataset.classes")
+    if problems:
+        msg = "\n  ".join(problems[:50]) + (f"\n  ... and {len(problems) - 50} more"
+                                            if len(problems) > 50 else "")
+        if strict:
+            raise DatasetError(f"{len(problems)} input problem(s) in {what}:\n  {msg}\nFix or "
+                               "remove the files, or set dataset.strict=false to skip them (each "
+                               "skip is recorded in the manifest).")
+        log.warning("skipped %d input(s) of %s (recorded in the manifest):\n  %s",
+                    len(problems), what, msg)
+    log.info("%s: %d images used, %d excluded, %d skipped", what, len(used),
+             int((manifest["status"] == "excluded").sum()), int((manifest["status"] == "skipped").sum()))
+    return manifest
+
+
+def _image_files(root: Path) -> list[Path]:
+    return sorted(p for p in root.rglob("*") if p.is_file())
+
+
+def _patient_from_rules(stem: str, rules: Sequence[Mapping]) -> str | None:
+    for rule in rules or ():
+        m = re.match(rule["pattern"], stem)
+        if m:
+            return "name:" + m.expand(rule["group"])
+    return None
+
+
+# --------------------------------------------------------------------------------------------
+# image_manifest: an image folder + a CSV
+# --------------------------------------------------------------------------------------------
+def prepare_image_manifest(raw_dir: Path, frames_dir: Path, ds: Mapping, strict: bool) -> pd.DataFrame:
+    """Images listed in a CSV -> frames + manifest.
+
+    ``ds`` keys: ``image_dir`` (folder of the images under ``raw_dir``; paths in the CSV are
+    relative to it), ``manifest`` (``file`` under ``raw_dir``; ``path_column``,
+    ``label_column``; optional ``patient_column``, ``view_column``, ``finding_column``),
+    ``classes`` (class -> label values), optional ``ignore_labels`` (excluded), ``views``
+    (views kept; null = all), ``frame_max_side``, ``frame_format`` (default jpg), ``workers``.
+
+    A CSV row whose file is missing or unreadable, or whose label maps to no class, is
+    ``skipped``; an image file the CSV does not list is ``excluded``. A row without a patient id
+    is its own patient.
+
+    Raises:
+        DatasetError: the CSV or a column is missing; in strict mode, any skipped row.
+    """
+    raw_dir, frames_dir = Path(raw_dir), Path(frames_dir)
+    mcfg = ds["manifest"]
+    csv_path = raw_dir / mcfg["file"]
+    image_root = raw_dir / (ds.get("image_dir") or "")
+    if not csv_path.is_file():
+        raise DatasetError(f"manifest CSV {csv_path} not found (dataset.manifest.file): the "
+                           f"dataset folder must hold it (see conf/dataset/{ds.get('name', '')}.yaml)")
+    table = pd.read_csv(csv_path, dtype=str, keep_default_na=False)
+    columns = {k: mcfg.get(k) for k in ("path_column", "label_column", "patient_column",
+                                        "view_column", "finding_column")}
+    for key, col in columns.items():
+        if col and col not in table.columns:
+            raise DatasetError(f"{csv_path}: column '{col}' (dataset.manifest.{key}) missing; its "
+                               f"columns are {list(table.columns)}")
+    for key in ("path_column", "label_column"):
+        if not columns[key]:
+            raise ConfigError(f"dataset.manifest.{key} must name a column of {csv_path.name}")
+    classes = list(ds["classes"])
+    to_class = label_map(ds["classes"])
+    ignore = {str(v).strip() for v in ds.get("ignore_labels") or ()}
+    views = None if ds.get("views") is None else {str(v).strip() for v in ds["views"]}
+    if views is not None and not columns["view_column"]:
+        raise ConfigError("dataset.views selects views but dataset.manifest.view_column names "
+                          "no column: set both, or views: null")
+    fmt = _frame_format(ds, "jpg")
+    frames_dir.mkdir(parents=True, exist_ok=True)
+
+    rows: list[dict] = []
+    problems: list[str] = []
+    jobs, pending = [], []
+    taken: set[str] = set()
+    first_row: dict[str, tuple[int, str]] = {}
+    for i, rec in enumerate(table.to_dict("records"), start=2):  # line 1 is the header
+        where = f"{csv_path.name} line {i}"
+        rel = rec[columns["path_column"]].strip().replace("\\", "/").removeprefix("./")
+        source = (Path(ds.get("image_dir") or "") / rel).as_posix() if rel else f"<{where}>"
+        label_text = rec[columns["label_column"]].strip()
+        pid = rec[columns["patient_column"]].strip() if columns["patient_column"] else ""
+        extra = {}
+        if columns["finding_column"]:
+            extra["finding"] = rec[columns["finding_column"]].strip()
+        if columns["view_column"]:
+            extra["view"] = rec[columns["view_column"]].strip()
+        patient = f"meta:{pid}" if pid else f"file:{source}"
+        cls = to_class.get(label_text)
+        base = {"cls": cls or "", "label": classes.index(cls) if cls else -1, "patient": patient,
+                **extra}
+
+        def skip(reason: str) -> None:
+            problems.append(f"{source}: {reason}")
+            rows.append(_row(source, status="skipped", reason=reason, **base))
+
+        if not rel:
+            skip(f"{where}: empty path (column '{columns['path_column']}')")
+            continue
+        if rel in first_row:
+            line, first_label = first_row[rel]
+            if first_label == label_text:
+                rows.append(_row(source, status="excluded", reason=f"{where}: listed again "
+                                 f"(duplicate of line {line})", **base))
+            else:
+                skip(f"{where}: listed again with label '{label_text}' (line {line} says "
+                     f"'{first_label}'); keep one row per image")
+            continue
+        first_row[rel] = (i, label_text)
+        if cls is None:
+            if label_text in ignore:
+                rows.append(_row(source, status="excluded", reason=f"label '{label_text}' ignored "
+                                 f"(dataset.ignore_labels)", **base))
+            else:
+                skip(f"{where}: label '{label_text}' maps to no class (dataset.classes: "
+                     f"{ {c: list(v) for c, v in ds['classes'].items()} })")
+            continue
+        if views is not None and extra.get("view", "") not in views:
+            rows.append(_row(source, status="excluded", reason=f"view '{extra.get('view', '')}' "
+                             f"not selected (dataset.views={sorted(views)})", **base))
+            continue
+        path = image_root / rel
+        if not path.is_file():
+            skip(f"{where}: file listed in the CSV but missing under {image_root}")
+            continue
+        if path.suffix.lower() not in IMAGE_EXTS:
+            skip(f"{where}: not an image file ({path.suffix or 'no extension'})")
+            continue
+        name = _frame_name(source, fmt, taken)
+        jobs.append((str(path), str(frames_dir / name), ds.get("frame_max_side"), fmt))
+        pending.append((source, name, base))
+
+    for (source, name, base), result in zip(pending, _convert_all(jobs, int(ds.get("workers") or 1))):
+        if isinstance(result, str):
+            problems.append(f"{source}: {result}")
+            rows.append(_row(source, status="skipped", reason=result, **base))
+        else:
+            rows.append(_row(source, status="used", frame=name, size=result, **base))
+
+    listed = {(image_root / rel).resolve() for rel in first_row}
+    for path in _image_files(image_root):
+        if path.resolve() not in listed and path.resolve() != csv_path.resolve():
+            rows.append(_row(path.relative_to(raw_dir).as_posix(), status="excluded",
+                             reason=f"not listed in {csv_path.name}"))
+    return _finish(rows, problems, classes, strict, f"{csv_path}")
+
+
+# --------------------------------------------------------------------------------------------
+# image_folders: <split>/<class folder>/<image>
+# --------------------------------------------------------------------------------------------
+def prepare_image_folders(raw_dir: Path, frames_dir: Path, ds: Mapping, strict: bool) -> pd.DataFrame:
+    """A ``flow_from_directory`` tree -> frames + manifest with a ``split`` column.
+
+    ``ds`` keys: ``image_root`` (folder under ``raw_dir`` holding the split folders; empty =
+    ``raw_dir``), ``split_dirs`` (split -> folder name, e.g. ``{train: train, val: val, test:
+    test}``; a split may be absent), ``classes`` (class -> class-folder names), optional
+    ``ignore_folders`` (class folders excluded), ``patient_rules`` (``{pattern, group}`` on the
+    file stem; unmatched images, and all of them without rules, are their own patient),
+    ``frame_max_side``, ``frame_format``, ``workers``.
+
+    Raises:
+        DatasetError: the root or every split folder is missing; in strict mode, a class folder
+            that maps to no class or an unreadable image.
+    """
+    raw_dir, frames_dir = Path(raw_dir), Path(frames_dir)
+    root = raw_dir / (ds.get("image_root") or "")
+    split_dirs = dict(ds.get("split_dirs") or {s: s for s in SPLITS})
+    unknown = sorted(set(split_dirs) - set(SPLITS))
+    if unknown:
+        raise ConfigError(f"dataset.split_dirs: unknown split(s) {unknown}; use {list(SPLITS)}")
+    if not any((root / d).is_dir() for d in split_dirs.values()):
+        raise DatasetError(f"{root} holds none of the split folders {sorted(split_dirs.values())} "
+                           f"(dataset.image_root, dataset.split_dirs)")
+    split_of = {folder: split for split, folder in split_dirs.items()}
+    classes = list(ds["classes"])
+    to_class = label_map(ds["classes"])
+    ignore = set(ds.get("ignore_folders") or ())
+    rules = ds.get("patient_rules") or []
+    fmt = _frame_format(ds, "jpg")
+    frames_dir.mkdir(parents=True, exist_ok=True)
+
+    rows: list[dict] = []
+    problems: list[str] = []
+    jobs, pending = [], []
+    taken: set[str] = set()
+    for path in _image_files(root):
+        source = path.relative_to(raw_dir).as_posix()
+        parts = path.relative_to(root).parts
+        split = split_of.get(parts[0]) if len(parts) > 1 else None
+        patient = _patient_from_rules(path.stem, rules) or f"file:{source}"
+        cls = to_class.get(parts[1]) if len(parts) == 3 else None
+        base = {"cls": cls or "", "label": classes.index(cls) if cls else -1, "patient": patient,
+                "split": split or ""}
+        if path.name.startswith("."):
+            reason = "hidden file"
+        elif split is None:
+            reason = f"outside the split folders {sorted(split_of)} (dataset.split_dirs)"
+        elif len(parts) != 3:
+            reason = ("directly in the split folder (no class folder)" if len(parts) == 2
+                      else f"in sub-folder '{'/'.join(parts[2:-1])}' of a class folder")
+        elif path.suffix.lower() not in IMAGE_EXTS:
+            reason = f"not an image ({path.suffix or 'no extension'})"
+        elif cls is None and parts[1] in ignore:
+            reason = f"class folder '{parts[1]}' ignored (dataset.ignore_folders)"
+        elif cls is None:
+            msg = (f"class folder '{parts[1]}' maps to no class (dataset.classes: "
+                   f"{ {c: list(v) for c, v in ds['classes'].items()} })")
+            problems.append(f"{source}: {msg}")
+            rows.append(_row(source, status="skipped", reason=msg, **base))
+            continue
+        else:
+            name = _frame_name(source, fmt, taken)
+            jobs.append((str(path), str(frames_dir / name), ds.get("frame_max_side"), fmt))
+            pending.append((source, name, base))
+            continue
+        rows.append(_row(source, status="excluded", reason=reason, **base))
+
+    for (source, name, base), result in zip(pending, _convert_all(jobs, int(ds.get("workers") or 1))):
+        if isinstance(result, str):
+            problems.append(f"{source}: {result}")
+            rows.append(_row(source, status="skipped", reason=result, **base))
+        else:
+            rows.append(_row(source, status="used", frame=name, size=result, **base))
+    return _finish(rows, problems, classes, strict, str(root))
+
+
+# --------------------------------------------------------------------------------------------
+# medmnist_npz
+# --------------------------------------------------------------------------------------------
+def prepare_medmnist_npz(raw_dir: Path, frames_dir: Path, ds: Mapping, strict: bool) -> pd.DataFrame:
+    """A MedMNIST ``.npz`` -> one PNG per image + manifest with the npz's split.
+
+    ``ds`` keys: ``file`` (the npz under ``raw_dir``), ``classes`` (class -> label values,
+    e.g. ``{normal: [0], pneumonia: [1]}``), ``frame_format`` (default png: lossless).
+    ``source`` is ``<file>:<split>/<index>`` and each image is its own patient (MedMNIST keeps
+    no patient ids).
+
+    Raises:
+        DatasetError: missing file or arrays, images and labels of different lengths; in strict
+            mode, a label that maps to no class.
+    """
+    raw_dir, frames_dir = Path(raw_dir), Path(frames_dir)
+    path = raw_dir / ds["file"]
+    if not path.is_file():
+        raise DatasetError(f"{path} not found (dataset.file): run the fetch_data stage")
+    classes = list(ds["classes"])
+    to_class = label_map(ds["classes"])
+    fmt = _frame_format(ds, "png")
+    frames_dir.mkdir(parents=True, exist_ok=True)
+    rows: list[dict] = []
+    problems: list[str] = []
+    with np.load(path) as npz:
+        present = [s for s in SPLITS if f"{s}_images" in npz.files]
+        if not present:
+            raise DatasetError(f"{path}: no '<split>_images' arrays (has {npz.files}); expected "
+                               f"MedMNIST's train_images, train_labels, val_*, test_*")
+        for split in present:
+            if f"{split}_labels" not in npz.files:
+                raise DatasetError(f"{path}: '{split}_images' without '{split}_labels'")
+            images, labels = npz[f"{split}_images"], npz[f"{split}_labels"]
+            labels = labels.reshape(len(labels), -1)
+            if len(images) != len(labels) or labels.shape[1] != 1:
+                raise DatasetError(f"{path}: {split} has {len(images)} images and labels of shape "
+                                   f"{labels.shape}; expected one label per image (multi-label "
+                                   f"MedMNIST sets are not supported)")
+            for i, (img, lab) in enumerate(zip(images, labels[:, 0])):
+                source = f"{path.name}:{split}/{i:05d}"
+                cls = to_class.get(str(int(lab)))
+                base = {"cls": cls or "", "label": classes.index(cls) if cls else -1,
+                        "patient": f"file:{source}", "split": split}
+                if cls is None:
+                    msg = f"label {int(lab)} maps to no class (dataset.classes)"
+                    problems.append(f"{source}: {msg}")
+                    rows.append(_row(source, status="skipped", reason=msg, **base))
+                    continue
+                name = f"{split}_{i:05d}.{fmt}"
+                img = np.asarray(img)
+                if img.ndim == 3 and img.shape[2] == 3:  # MedMNIST colour sets are RGB
+                    img = img[:, :, ::-1]
+                size = _write_frame(to_rgb8(img), frames_dir / name,
+                                    ds.get("frame_max_side"), fmt)
+                rows.append(_row(source, status="used", frame=name, size=size, **base))
+    return _finish(rows, problems, classes, strict, str(path))
+
+
+# --------------------------------------------------------------------------------------------
+# Dispatch and fixed splits
+# --------------------------------------------------------------------------------------------
+PREPARERS: dict[str, Callable[[Path, Path, Mapping, bool], pd.DataFrame]] = {
+    "image_manifest": prepare_image_manifest,
+    "image_folders": prepare_image_folders,
+    "medmnist_npz": prepare_medmnist_npz,
+}
+
+
+def prepare(kind: str, raw_dir: Path, frames_dir: Path, ds: Mapping, strict: bool = True) -> pd.DataFrame:
+    """Run the adapter of ``dataset.kind``; returns the manifest (the caller writes it).
+
+    Raises:
+        ConfigError: unknown kind (the message lists the valid ones).
+    """
+    if kind not in PREPARERS:
+        raise ConfigError(f"dataset.kind={kind!r} is not known; valid kinds: lus_videos, "
+                          f"{', '.join(sorted(PREPARERS))}")
+    return PREPARERS[kind](Path(raw_dir), Path(frames_dir), ds, strict)
+
+
+def make_fixed_splits(manifest: pd.DataFrame, val_fraction: float = 0.1, seed: int = 42) -> pd.DataFrame:
+    """The splits table (schema of :func:`pipeline.split_folds.make_splits`) of a fixed split:
+    one fold 0, each source's role taken from the manifest's ``split`` column.
+
+    Without any ``val`` image, about ``val_fraction`` of the training patients (stratified by
+    class, seeded) become the validation set. A patient on two sides of the dataset's own split
+    is logged as a warning, not an error: the split is the dataset's, reproduced as published.
+
+    Raises:
+        ValueError: no ``split`` column, an unknown split name, or no train or test image.
+    """
+    from pipeline.split_folds import carve_validation
+
+    frames = manifest[manifest["status"] == "used"].copy()
+    if "split" not in frames.columns:
+        raise ValueError("folds.method=fixed needs a manifest 'split' column (dataset kinds "
+                         "image_folders, medmnist_npz); use folds.method=stratified_group_kfold")
+    frames["patient"] = frames["patient"].astype(str)
+    frames["split"] = frames["split"].fillna("").astype(str)
+    bad = sorted(set(frames["split"]) - set(SPLITS))
+    if bad:
+        raise ValueError(f"manifest split values {bad} are not train/val/test")
+    for needed in ("train", "test"):
+        if not (frames["split"] == needed).any():
+            raise ValueError(f"the fixed split has no '{needed}' image")
+    per_source = (frames.groupby(["source", "patient", "class", "label", "split"], as_index=False)
+                  .size().rename(columns={"size": "frames"}))
+    if not (per_source["split"] == "val").any():
+        train = per_source[per_source["split"] == "train"]
+        val = carve_validation(frames[frames["split"] == "train"], train["patient"].unique(),
+                               float(val_fraction), int(seed))
+        per_source.loc[(per_source["split"] == "train") & per_source["patient"].isin(val),
+                       "split"] = "val"
+        log.info("no validation images in the fixed split: %d training patients carved as "
+                 "validation (val_fraction %s, seed %s)", len(val), val_fraction, seed)
+    sides = {s: set(per_source.loc[per_source["split"] == s, "patient"]) for s in SPLITS}
+    for a, b in (("train", "val"), ("train", "test"), ("val", "test")):
+        both = sides[a] & sides[b]
+        if both:
+            log.warning("fixed split: %d patient(s) in both %s and %s (the dataset's own split), "
+                        "e.g. %s", len(both), a, b, sorted(both)[:5])
+    per_source.insert(0, "fold", 0)
+    return per_source[["fold", "source", "patient", "class", "label", "frames", "split"]]

@@ -1,0 +1,174 @@
+"""Binary-task figures of study 001 on constructed scores whose answers are worked out by hand."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+import yaml
+
+from pipeline.binary_eval import (main, operating_point, penultimate_features, score_histograms,
+                                  threshold_sweep, tsne_plot, wald_ci)
+from pipeline.config import compose
+
+# 4 positives, 6 negatives. A score >= the threshold is called positive.
+Y = [1, 1, 1, 1, 0, 0, 0, 0, 0, 0]
+S = [0.9, 0.28, 0.22, 0.10, 0.30, 0.26, 0.18, 0.16, 0.05, 0.0]
+
+
+def test_threshold_sweep_by_hand():
+    sweep = threshold_sweep(Y, S).set_index("threshold")
+    assert list(sweep.index) == [0.15, 0.20, 0.25, 0.30]
+    #            tp fp tn fn   accuracy sensitivity specificity precision f1
+    expected = {0.15: (3, 4, 2, 1, 5 / 10, 3 / 4, 2 / 6, 3 / 7, 6 / 11),
+                0.20: (3, 2, 4, 1, 7 / 10, 3 / 4, 4 / 6, 3 / 5, 6 / 9),
+                0.25: (2, 2, 4, 2, 6 / 10, 2 / 4, 4 / 6, 2 / 4, 4 / 8),
+                0.30: (1, 1, 5, 3, 6 / 10, 1 / 4, 5 / 6, 1 / 2, 2 / 6)}  # 0.30 itself is positive
+    cols = ["tp", "fp", "tn", "fn", "accuracy", "sensitivity", "specificity", "precision", "f1"]
+    for t, values in expected.items():
+        assert sweep.loc[t, cols].to_numpy(float) == pytest.approx(values)
+    assert sweep.loc[0.15, "sensitivity_ci"] == pytest.approx(1.96 * math.sqrt(0.75 * 0.25 / 4))
+    assert sweep.loc[0.15, "specificity_ci"] == pytest.approx(1.96 * math.sqrt(2 / 6 * 4 / 6 / 6))
+
+
+def test_undefined_figures_are_nan():
+    row = threshold_sweep([0, 0, 1], [0.1, 0.2, 0.05], [0.5]).iloc[0]
+    assert math.isnan(row["precision"]) and row["sensitivity"] == 0 and row["specificity"] == 1
+
+
+@pytest.mark.parametrize("target, threshold, sensitivity, specificity",
+                         [(0.973, 0.10, 1.0, 2 / 6),   # needs all 4 positives
+                          (0.75, 0.22, 0.75, 4 / 6),   # 3 of 4: the 3rd highest positive score
+                          (0.5, 0.28, 0.5, 5 / 6),
+                          (0.2, 0.9, 0.25, 1.0)])
+def test_operating_point_is_the_highest_threshold_reaching_the_target(target, threshold,
+                                                                      sensitivity, specificity):
+    op = operating_point(Y, S, target)
+    assert (op["threshold"], op["sensitivity"], op["specificity"]) == pytest.approx(
+        (threshold, sensitivity, specificity))
+    assert (op["n_positive"], op["n_negative"]) == (4, 6)
+    # any higher threshold falls below the target
+    above = threshold_sweep(Y, S, [np.nextafter(op["threshold"], 1)]).iloc[0]
+    assert above["sensitivity"] < target
+
+
+def test_operating_point_at_973_of_1000_positives():
+    """0.973 * 1000 is 973.0000000000001 in floating point: still 973 positives, not 974."""
+    rng = np.random.default_rng(0)
+    pos, neg = rng.permutation(1000) / 1000 + 0.0005, rng.random(1100) * 0.5
+    y = np.r_[np.ones(1000, int), np.zeros(1100, int)]
+    op = operating_point(y, np.r_[pos, neg], 0.973)
+    assert op["tp"] == 973 and op["sensitivity"] == pytest.approx(0.973)
+    assert op["threshold"] == pytest.approx(27 / 1000 + 0.0005)
+    with pytest.raises(ValueError, match="no positive"):
+        operating_point([0, 0], [0.1, 0.2])
+
+
+def test_wald_ci_is_the_papers_formula():
+    ci = wald_ci(0.982, 1100)
+    assert ci.half_width == pytest.approx(0.0078569, abs=1e-6)
+    assert (ci.low, ci.high) == pytest.approx((0.982 - ci.half_width, 0.982 + ci.half_width))
+    assert wald_ci(1.0, 50).half_width == 0 and wald_ci(0.99, 10).high == 1.0  # clipped
+    assert math.isnan(wald_ci(0.5, 0).half_width)
+
+
+def test_score_histograms(tmp_path):
+    df = pd.DataFrame({"score": [0.02, 0.07, 0.51, 0.97, 1.0, 0.3],
+                       "finding": ["normal", "normal", "other", "covid", "covid", "other"]})
+    counts = score_histograms(df, "score", "finding", tmp_path / "h.png", bins=10, threshold=0.5)
+    assert (tmp_path / "h.png").stat().st_size > 0
+    total = counts.groupby("subgroup")["count"].sum().to_dict()
+    assert total == {"covid": 2, "normal": 2, "other": 2}
+    covid = counts[counts.subgroup == "covid"].set_index("bin_low")["count"]
+    assert covid.loc[0.9] == 2  # 0.97 and 1.0 (the closed last bin)
+
+
+def test_penultimate_features_and_tsne(tmp_path):
+    from pipeline.models import build_model
+
+    torch.manual_seed(0)
+    model = build_model({"arch": "mini_covidnet"}, num_classes=2).eval()
+    images = torch.randint(0, 256, (4, 3, 32, 32), dtype=torch.uint8)
+    feats = penultimate_features(model, images, batch_size=3)
+    with torch.no_grad():
+        ref = model.backbone(model.normalize(images.float() / 255)).mean((2, 3))
+    assert feats.shape == (4, 1024) and np.allclose(feats, ref.numpy(), atol=1e-5)
+    rng = np.random.default_rng(0)
+    x = np.r_[rng.normal(0, 1, (15, 8)), rng.normal(8, 1, (15, 8))]
+    labels = ["covid"] * 15 + ["non_covid"] * 15
+    emb = tsne_plot(x, labels, tmp_path / "t.png", seed=0)
+    assert emb.shape == (30, 2) and (tmp_path / "t.png").is_file()
+    a, b = emb[:15].mean(0), emb[15:].mean(0)
+    assert np.linalg.norm(a - b) > 2 * max(emb[:15].std(0).max(), emb[15:].std(0).max())
+
+
+def test_main_writes_every_cell(tmp_path, monkeypatch):
+    params = compose(["experiment=cxr_covid_resnet50"])
+    params["dataset"]["frames_dir"] = "frames"
+    params["binary"]["tsne"] = False
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "params.yaml").write_text(yaml.safe_dump(params))
+    (tmp_path / "frames").mkdir()
+    frames = [f"f{i}.jpg" for i in range(10)]
+    finding = ["covid"] * 4 + ["normal"] * 3 + ["other"] * 3
+    pd.DataFrame({"frame": frames, "status": "used", "finding": finding}).to_csv(
+        tmp_path / "frames" / "manifest.csv", index=False)
+    cell = tmp_path / "models" / "resnet50-ce"
+    cell.mkdir(parents=True)
+    y_true = [0 if y else 1 for y in Y]  # class 0 = covid = positive
+    pd.DataFrame({"frame": frames, "source": frames, "patient": frames, "fold": [0, 1] * 5,
+                  "y_true": y_true, "y_pred": [0 if s >= 0.5 else 1 for s in S],
+                  "prob_covid": S, "prob_non_covid": [1 - s for s in S]}).to_csv(
+        cell / "predictions.csv", index=False)
+    main([])
+    out = tmp_path / "reports" / "binary"
+    sweep = pd.read_csv(out / "resnet50-ce" / "sweep.csv")
+    assert sweep["accuracy"].tolist() == pytest.approx([0.5, 0.7, 0.6, 0.6])
+    op = json.loads((out / "resnet50-ce" / "operating_point.json").read_text())
+    assert op["threshold"] == pytest.approx(0.10) and op["specificity"] == pytest.approx(2 / 6)
+    hist = pd.read_csv(out / "resnet50-ce" / "histogram.csv")
+    assert set(hist.subgroup) == {"covid", "normal", "other"}
+    assert set(pd.read_csv(out / "resnet50-ce" / "sweep_by_fold.csv").fold) == {0, 1}
+    assert "± " in (out / "resnet50-ce" / "sweep.md").read_text()
+    metrics = json.loads((tmp_path / "reports" / "binary_metrics.json").read_text())
+    assert metrics["resnet50-ce"]["sweep"]["0.20"]["accuracy"] == pytest.approx(0.7)
+
+
+def test_main_tsne_from_a_fold_checkpoint(tmp_path, monkeypatch):
+    import cv2
+
+    from pipeline.checkpoint import save_checkpoint
+    from pipeline.models import build_model
+
+    params = compose(["experiment=cxr_covid_resnet50", "grid.models=[mini_covidnet]"])
+    params["dataset"]["frames_dir"] = "frames"
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "params.yaml").write_text(yaml.safe_dump(params))
+    (tmp_path / "frames").mkdir()
+    frames = [f"f{i}.png" for i in range(10)]
+    for i, f in enumerate(frames):
+        cv2.imwrite(str(tmp_path / "frames" / f), np.full((40, 40, 3), 20 * i, np.uint8))
+    cell = tmp_path / "models" / "mini_covidnet-ce"
+    save_checkpoint(cell / "fold_0" / "best.pt", build_model({"arch": "mini_covidnet"}, 2),
+                    model_cfg={"arch": "mini_covidnet"}, classes=["covid", "non_covid"],
+                    image_size=32)
+    pd.DataFrame({"frame": frames, "source": frames, "patient": frames, "fold": 0,
+                  "y_true": [0 if y else 1 for y in Y], "y_pred": 0, "prob_covid": S,
+                  "prob_non_covid": [1 - s for s in S]}).to_csv(cell / "predictions.csv", index=False)
+    main([])
+    out = tmp_path / "reports" / "binary" / "mini_covidnet-ce"
+    assert (out / "tsne.png").stat().st_size > 0
+    # no manifest with findings here: the histogram's subgroups are the true classes
+    assert set(pd.read_csv(out / "histogram.csv").subgroup) == {"covid", "non_covid"}
+
+
+def test_main_without_positive_class_writes_an_empty_record(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "params.yaml").write_text(yaml.safe_dump(compose([])))  # lung ultrasound, 3 classes
+    main([])
+    assert json.loads((tmp_path / "reports" / "binary_metrics.json").read_text()) == {}
+    assert "positive_class" in (tmp_path / "reports" / "binary" / "README.md").read_text()
