@@ -86,7 +86,7 @@ def onnx_candidates(run_dir: str | Path, onnx_dir: str | Path | None = None) -> 
         return [Path(onnx_dir)]
     # models/<run> -> exports/<run> beside models/ (the export layout of the project), then the
     # export stage's own output folder inside the run.
-    return [run_dir.parent.parent / "exports" / run_dir.name, run_dir / "export"]
+    return [run_dir.parent.parent / "exports" / run_dir.name]
 
 
 def find_onnx(run_dir: str | Path, folds: Sequence[int],

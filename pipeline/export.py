@@ -1,0 +1,451 @@
+"""Stage ``export``: each fold's model to ONNX and TFLite, every file checked against PyTorch.
+
+Formats (``export.formats``) and their files in ``<run-dir>/export/fold_<k>/``:
+
+=====================  =========================  ===============================================
+format                 file                       how
+=====================  =========================  ===============================================
+onnx                   model.onnx                 ``torch.onnx.export`` (dynamo), dynamic batch
+tflite_fp32            model_fp32.tflite          ``litert_torch.convert`` (no TensorFlow), batch 1
+tflite_fp16            model_fp16.tflite          fp16 weights (ai-edge-quantizer float casting)
+tflite_int8_dynamic    model_int8_dynamic.tflite  int8 weights, activations quantized at run time
+tflite_int8_full       model_int8_full.tflite     int8 weights and activations, int8 input/output,
+                                                  calibrated on training frames of the fold
+=====================  =========================  ===============================================
+
+Every file is run by its own runtime (ONNX Runtime, the LiteRT interpreter, through
+``pipeline.edge_runner``: the loaders the benchmark times) on real test frames of its fold, and
+compared with the PyTorch logits: max |diff| must stay within ``export.tolerance[format]`` and the
+top-1 agreement at or above ``export.min_top1_agreement[format]`` (defaults and why: see
+``DEFAULT_TOLERANCE``). ``parity.json`` records every file (also the failing ones), then the
+stage fails naming each file over its tolerance.
+
+    python -m pipeline.export --run-dir models/mini_covidnet-ce
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import sys
+import tempfile
+import time
+import warnings
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import nn
+
+from pipeline import edge_runner
+
+log = logging.getLogger("pipeline.export")
+
+TFLITE_PRECISIONS = ("fp32", "fp16", "int8_dynamic", "int8_full")
+FORMATS = ("onnx",) + tuple(f"tflite_{p}" for p in TFLITE_PRECISIONS)
+FILE_NAMES = {"onnx": "model.onnx",
+              **{f"tflite_{p}": f"model_{p}.tflite" for p in TFLITE_PRECISIONS}}
+
+#: Gates of each file against PyTorch, overridden by params.yaml's export.tolerance (max |logit
+#: difference|; null = not gated on it) and export.min_top1_agreement. Float formats are gated
+#: by the logit difference alone (a converter bug shows there; a near-tie may flip a frame).
+#: Quantized formats drift by design, by an amount that depends on the weights: on briefly
+#: trained Mini-COVIDNet / MobileNetV2 folds (64 px) fp16 weights moved logits of scale 2-9 by
+#: up to 0.11 (rounding the weights in PyTorch does the same) and int8 weights by up to 8.4,
+#: with top-1 agreement down to 0.53 (int16 activations did no better: the weights dominate).
+#: So by default int8 files are recorded, not gated: their drift and accuracy change go to the
+#: report; set gates in params for well-trained models.
+DEFAULT_TOLERANCE = {"onnx": 1e-4, "tflite_fp32": 1e-4, "tflite_fp16": 0.25,
+                     "tflite_int8_dynamic": None, "tflite_int8_full": None}
+DEFAULT_MIN_TOP1 = {"onnx": 0.0, "tflite_fp32": 0.0, "tflite_fp16": 0.9,
+                    "tflite_int8_dynamic": 0.0, "tflite_int8_full": 0.0}
+DEFAULT_OPSET = 18
+INPUT_NAME, OUTPUT_NAME = "input", "logits"
+
+
+class ParityError(RuntimeError):
+    """An exported file whose outputs differ from PyTorch's by more than its tolerance."""
+
+    def __init__(self, failures: Sequence[Mapping], records: Sequence[Mapping] = ()):
+        self.failures, self.records = list(failures), list(records)
+        lines = [f"  {r['file']} ({r['format']}): max |logit diff| {r['max_abs_diff']:.3g} "
+                 f"(tolerance {_fmt(r['tolerance'])}), top-1 agreement "
+                 f"{r['top1_agreement']:.3f} (minimum {r['min_top1_agreement']:.3f}) on "
+                 f"{r['n_frames']} frames" for r in self.failures]
+        super().__init__("exported model(s) disagree with PyTorch beyond tolerance:\n"
+                         + "\n".join(lines) + "\nloosen export.tolerance / "
+                         "export.min_top1_agreement only if the drift is expected (quantization)")
+
+
+def _fmt(tolerance: float | None) -> str:
+    return "none" if tolerance is None else f"{tolerance:.3g}"
+
+
+def within_tolerance(result: Mapping, tolerance: float | None, min_top1: float) -> bool:
+    """Whether a parity result passes its gates (``tolerance`` None: not gated on logits)."""
+    return ((tolerance is None or result["max_abs_diff"] <= tolerance)
+            and result["top1_agreement"] >= min_top1)
+
+
+# ---------------------------------------------------------------------------------- ONNX
+def export_onnx(model: nn.Module, path: str | Path, image_size: int,
+                opset: int = DEFAULT_OPSET) -> Path:
+    """Export to a self-contained ONNX file with a dynamic batch axis.
+
+    The dynamo exporter is tried first, the TorchScript one if it fails; either way the file is
+    then run by ONNX Runtime at batch 1 and batch 3 (a wrong batch axis fails here, not on the
+    device).
+
+    Returns:
+        The path written.
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    model = model.eval()
+    sample = torch.rand(2, 3, image_size, image_size)
+    common = dict(input_names=[INPUT_NAME], output_names=[OUTPUT_NAME], opset_version=opset,
+                  external_data=False, verbose=False)
+    try:
+        batch = torch.export.Dim("batch", min=1, max=4096)
+        with torch.no_grad():
+            torch.onnx.export(model, (sample,), str(path), dynamo=True,
+                              dynamic_shapes=({0: batch},), **common)
+    except Exception as exc:  # noqa: BLE001 - any dynamo failure: the legacy exporter may cope
+        log.warning("dynamo ONNX export failed (%s: %s); retrying with the TorchScript exporter",
+                    type(exc).__name__, str(exc).splitlines()[0] if str(exc) else "")
+        with torch.no_grad():
+            torch.onnx.export(model, (sample,), str(path), dynamo=False,
+                              dynamic_axes={INPUT_NAME: {0: "batch"}, OUTPUT_NAME: {0: "batch"}},
+                              **common)
+    session = edge_runner.OnnxModel(path)
+    for n in (1, 3):
+        out = session(np.zeros((n, 3, image_size, image_size), np.float32))
+        if out.shape[0] != n:
+            raise RuntimeError(f"{path}: batch {n} gave output shape {out.shape}: the batch axis "
+                               f"is not dynamic")
+    return path
+
+
+# -------------------------------------------------------------------------------- TFLite
+def convert_tflite_fp32(model: nn.Module, image_size: int) -> bytes:
+    """Convert to a float32 TFLite flatbuffer with ``litert_torch`` (NCHW input, batch 1)."""
+    os.environ.setdefault("LITERT_TORCH_SHOW_PROGRESS", "n")  # its own progress lines
+    import litert_torch
+
+    sample = torch.rand(1, 3, image_size, image_size)
+    edge_model = litert_torch.convert(model.eval(), (sample,))
+    with tempfile.TemporaryDirectory() as tmp:
+        out = Path(tmp) / "model.tflite"
+        edge_model.export(str(out))
+        return out.read_bytes()
+
+
+def quantize_tflite(fp32_model: bytes, precision: str,
+                    calibration: np.ndarray | torch.Tensor | None = None) -> bytes:
+    """Post-training quantization of a float32 TFLite model with ai-edge-quantizer.
+
+    Args:
+        fp32_model: the float32 flatbuffer (``convert_tflite_fp32``).
+        precision: ``fp32`` (unchanged), ``fp16`` (fp16 weights, float compute),
+            ``int8_dynamic`` (int8 weights, activations quantized at run time) or ``int8_full``
+            (int8 weights and activations, int8 input/output).
+        calibration: float images N x 3 x H x W in [0, 1], needed by ``int8_full``: real frames
+            of the training split, so activation ranges match what the model will see.
+    """
+    if precision not in TFLITE_PRECISIONS:
+        raise ValueError(f"unknown TFLite precision '{precision}' (valid: {TFLITE_PRECISIONS})")
+    if precision == "fp32":
+        return bytes(fp32_model)
+    from ai_edge_quantizer import qtyping, quantizer, recipe
+
+    if precision == "fp16":
+        q = quantizer.Quantizer(bytearray(fp32_model))
+        for op in (qtyping.TFLOperationName.CONV_2D, qtyping.TFLOperationName.DEPTHWISE_CONV_2D,
+                   qtyping.TFLOperationName.FULLY_CONNECTED):
+            q.add_weight_only_config(regex=".*", operation_name=op, num_bits=16,
+                                     algorithm_key=quantizer.AlgorithmName.FLOAT_CASTING)
+        return bytes(q.quantize(enable_progress_report=False).quantized_model)
+    if precision == "int8_dynamic":
+        q = quantizer.Quantizer(bytearray(fp32_model), recipe.dynamic_wi8_afp32())
+        return bytes(q.quantize(enable_progress_report=False).quantized_model)
+    if calibration is None or len(calibration) == 0:
+        raise ValueError("int8_full quantization needs calibration images (N x 3 x H x W floats "
+                         "in [0, 1]); set export.calibration_frames > 0")
+    from ai_edge_litert.interpreter import Interpreter
+
+    signatures = Interpreter(model_content=bytes(fp32_model)).get_signature_list()
+    signature, io = next(iter(signatures.items()))
+    x = np.asarray(calibration, dtype=np.float32)
+    data = {signature: [{io["inputs"][0]: x[i:i + 1]} for i in range(len(x))]}
+    q = quantizer.Quantizer(bytearray(fp32_model), recipe.static_wi8_ai8())
+    with warnings.catch_warnings():
+        # The calibrator keeps every tensor on purpose; the interpreter warns about it.
+        warnings.filterwarnings("ignore", message=".*experimental_preserve_all_tensors")
+        result = q.calibrate(data, num_threads=max(1, min(4, os.cpu_count() or 1)))
+        return bytes(q.quantize(result, enable_progress_report=False).quantized_model)
+
+
+def export_tflite(model: nn.Module, path: str | Path, image_size: int, precision: str = "fp32",
+                  calibration: np.ndarray | torch.Tensor | None = None,
+                  fp32_model: bytes | None = None) -> Path:
+    """Export to TFLite at one precision (see ``quantize_tflite``).
+
+    Args:
+        fp32_model: an already converted float32 flatbuffer of the same model, to convert once
+            and quantize several times.
+
+    Returns:
+        The path written.
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fp32_model = fp32_model if fp32_model is not None else convert_tflite_fp32(model, image_size)
+    path.write_bytes(quantize_tflite(fp32_model, precision, calibration))
+    return path
+
+
+# -------------------------------------------------------------------------------- parity
+@torch.no_grad()
+def torch_logits(model: nn.Module, images: torch.Tensor | np.ndarray,
+                 batch_size: int = 16) -> np.ndarray:
+    """PyTorch outputs of the model (eval mode, CPU) for float images in [0, 1]."""
+    x = torch.as_tensor(np.asarray(images, dtype=np.float32))
+    model = model.eval()
+    return torch.cat([model(x[i:i + batch_size]) for i in range(0, len(x), batch_size)]).numpy()
+
+
+def compare_outputs(reference: np.ndarray, output: np.ndarray,
+                    labels: Sequence[int] | np.ndarray | torch.Tensor | None = None) -> dict:
+    """Agreement of an exported model's logits with PyTorch's.
+
+    Returns:
+        ``max_abs_diff``, ``mean_abs_diff``, ``rel_max_abs_diff`` (max_abs_diff over PyTorch's
+        largest |logit|), ``top1_agreement``, ``n``; with labels also
+        ``accuracy_torch``, ``accuracy`` (the exported model's) and ``accuracy_change``.
+    """
+    reference, output = np.asarray(reference, np.float64), np.asarray(output, np.float64)
+    if reference.shape != output.shape:
+        raise ValueError(f"output shape {output.shape} differs from PyTorch's {reference.shape}")
+    diff = np.abs(reference - output)
+    ref_top1, out_top1 = reference.argmax(1), output.argmax(1)
+    scale = float(np.abs(reference).max())
+    result = {"max_abs_diff": float(diff.max()), "mean_abs_diff": float(diff.mean()),
+              "rel_max_abs_diff": float(diff.max() / scale) if scale > 0 else float("inf"),
+              "top1_agreement": float((ref_top1 == out_top1).mean()), "n": int(len(reference))}
+    if labels is not None:
+        labels = np.asarray(labels)
+        result["accuracy_torch"] = float((ref_top1 == labels).mean())
+        result["accuracy"] = float((out_top1 == labels).mean())
+        result["accuracy_change"] = result["accuracy"] - result["accuracy_torch"]
+    return result
+
+
+def runtime_parity(model: nn.Module, path: str | Path, images: torch.Tensor | np.ndarray,
+                   labels=None, threads: int = 1, reference: np.ndarray | None = None) -> dict:
+    """Run an exported file with its runtime and compare with PyTorch (``compare_outputs``)."""
+    x = np.asarray(images, dtype=np.float32)
+    reference = torch_logits(model, x) if reference is None else reference
+    return compare_outputs(reference, edge_runner.load_model(path, threads)(x), labels)
+
+
+def onnx_parity(model: nn.Module, onnx_path: str | Path, images, labels=None) -> dict:
+    """``max_abs_diff``, ``top1_agreement``, ``n`` of an ONNX file (ONNX Runtime) vs PyTorch."""
+    return runtime_parity(model, onnx_path, images, labels)
+
+
+def tflite_parity(model: nn.Module, tflite_path: str | Path, images, labels=None) -> dict:
+    """``max_abs_diff``, ``top1_agreement``, ``n`` of a .tflite (LiteRT interpreter) vs PyTorch."""
+    return runtime_parity(model, tflite_path, images, labels)
+
+
+def accuracy_change(model: nn.Module, path: str | Path, images, labels) -> dict:
+    """Accuracy of an exported (e.g. int8) file vs PyTorch's on labelled images.
+
+    Returns:
+        ``accuracy_torch``, ``accuracy``, ``accuracy_change`` (exported minus PyTorch), ``n``.
+    """
+    result = runtime_parity(model, path, images, labels)
+    return {k: result[k] for k in ("accuracy_torch", "accuracy", "accuracy_change", "n")}
+
+
+def check_parity(records: Sequence[Mapping]) -> None:
+    """Raise ``ParityError`` listing every record whose ``passed`` is false."""
+    failures = [r for r in records if not r["passed"]]
+    if failures:
+        raise ParityError(failures, records)
+
+
+# ------------------------------------------------------------------------------ one model
+def export_model(model: nn.Module, out_dir: str | Path, image_size: int, images,
+                 labels=None, calibration=None, formats: Sequence[str] = FORMATS,
+                 tolerance: Mapping[str, float] | None = None,
+                 min_top1_agreement: Mapping[str, float] | None = None,
+                 opset: int = DEFAULT_OPSET, strict: bool = True,
+                 extra: Mapping | None = None) -> list[dict]:
+    """Export one model to every format in ``out_dir`` and check each file against PyTorch.
+
+    Args:
+        images: float frames N x 3 x S x S in [0, 1] for the parity check.
+        labels: their classes, for the accuracy change of each file (optional).
+        calibration: float frames for ``tflite_int8_full`` (training frames).
+        tolerance / min_top1_agreement: per format, defaults ``DEFAULT_TOLERANCE`` /
+            ``DEFAULT_MIN_TOP1``.
+        strict: raise ``ParityError`` (after all formats are written and checked) if any file
+            fails; otherwise only mark it ``passed: false``.
+        extra: fields copied into every record (e.g. the fold).
+
+    Returns:
+        One record per file: format, file, size_bytes, max_abs_diff, top1_agreement, n_frames,
+        tolerance, passed, ...
+    """
+    unknown = sorted(set(formats) - set(FORMATS))
+    if unknown:
+        raise ValueError(f"unknown export format(s) {unknown} (valid: {list(FORMATS)})")
+    tolerance = {**DEFAULT_TOLERANCE, **(tolerance or {})}
+    min_top1 = {**DEFAULT_MIN_TOP1, **(min_top1_agreement or {})}
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    x = np.asarray(images, dtype=np.float32)
+    reference = torch_logits(model, x)
+    fp32_tflite = None
+    records = []
+    for fmt in formats:
+        path = out_dir / FILE_NAMES[fmt]
+        start = time.perf_counter()
+        if fmt == "onnx":
+            export_onnx(model, path, image_size, opset=opset)
+        else:
+            if fp32_tflite is None:
+                fp32_tflite = convert_tflite_fp32(model, image_size)
+            export_tflite(model, path, image_size, fmt.removeprefix("tflite_"),
+                          calibration=calibration, fp32_model=fp32_tflite)
+        seconds = time.perf_counter() - start
+        result = runtime_parity(model, path, x, labels, reference=reference)
+        passed = within_tolerance(result, tolerance[fmt], min_top1[fmt])
+        record = {**(extra or {}), "format": fmt, "file": str(path),
+                  "size_bytes": path.stat().st_size, "n_frames": result.pop("n"), **result,
+                  "tolerance": None if tolerance[fmt] is None else float(tolerance[fmt]),
+                  "min_top1_agreement": float(min_top1[fmt]),
+                  "export_seconds": round(seconds, 2), "passed": bool(passed)}
+        records.append(record)
+        log.info("%s %s: %.1f KiB, max |diff| %.3g (tol %s), top-1 agreement %.3f%s [%.1f s]",
+                 "ok  " if passed else "FAIL", path, record["size_bytes"] / 1024,
+                 record["max_abs_diff"], _fmt(record["tolerance"]), record["top1_agreement"],
+                 f", accuracy change {record['accuracy_change']:+.3f}"
+                 if "accuracy_change" in record else "", seconds)
+    if strict:
+        check_parity(records)
+    return records
+
+
+# ------------------------------------------------------------------------------ the stage
+def export_config(params: Mapping) -> dict:
+    """The ``export`` params group with defaults filled in and its keys checked."""
+    from pipeline.config import ConfigError
+
+    defaults = {"formats": list(FORMATS), "opset": DEFAULT_OPSET, "parity_frames": 32,
+                "parity_split": "test", "calibration_frames": 64, "calibration_split": "train",
+                "tolerance": dict(DEFAULT_TOLERANCE), "min_top1_agreement": dict(DEFAULT_MIN_TOP1)}
+    cfg = dict(params.get("export") or {})
+    unknown = sorted(set(cfg) - set(defaults))
+    if unknown:
+        raise ConfigError(f"unknown key(s) export.{unknown} (valid: {sorted(defaults)})")
+    merged = {**defaults, **cfg}
+    for key in ("tolerance", "min_top1_agreement"):
+        merged[key] = {**defaults[key], **(cfg.get(key) or {})}
+    bad = sorted(set(merged["formats"]) - set(FORMATS))
+    if bad:
+        raise ConfigError(f"export.formats has unknown format(s) {bad} (valid: {list(FORMATS)})")
+    return merged
+
+
+def summarize(records: Sequence[Mapping]) -> dict:
+    """Per format over folds: worst max |diff|, lowest top-1 agreement, mean accuracy change."""
+    out: dict[str, dict] = {}
+    for fmt in dict.fromkeys(r["format"] for r in records):
+        rs = [r for r in records if r["format"] == fmt]
+        out[fmt] = {"max_abs_diff": max(r["max_abs_diff"] for r in rs),
+                    "min_top1_agreement": min(r["top1_agreement"] for r in rs),
+                    "size_bytes": max(r["size_bytes"] for r in rs),
+                    "passed": all(r["passed"] for r in rs)}
+        if all("accuracy_change" in r for r in rs):
+            out[fmt]["mean_accuracy_change"] = float(np.mean([r["accuracy_change"] for r in rs]))
+    return out
+
+
+def fold_checkpoints(run_dir: str | Path) -> dict[int, Path]:
+    """``{k: <run-dir>/fold_<k>/best.pt}`` for every trained fold of a run."""
+    run_dir = Path(run_dir)
+    found = {}
+    for path in run_dir.glob("fold_*/best.pt"):
+        k = path.parent.name.removeprefix("fold_")
+        if k.isdigit():
+            found[int(k)] = path
+    if not found:
+        raise FileNotFoundError(f"no {run_dir}/fold_<k>/best.pt: train this run first "
+                                f"(dvc repro train@{run_dir.name})")
+    return dict(sorted(found.items()))
+
+
+def _frames(fold: int, split: str, image_size: int, limit: int | None):
+    from pipeline.data import load_split_images  # the data stage's outputs are needed only here
+
+    images, labels = load_split_images(fold, split, image_size, limit)
+    return images.float().div(255).numpy(), np.asarray(labels)
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    # Converters log every lowering step on the root logger: keep theirs to warnings.
+    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    logging.getLogger("pipeline").setLevel(logging.INFO)
+    parser = argparse.ArgumentParser(description="Export a run's fold models to ONNX/TFLite and "
+                                                 "check each file against PyTorch.")
+    parser.add_argument("--run-dir", required=True, help="models/<model>-<loss>")
+    parser.add_argument("--params", default="params.yaml")
+    parser.add_argument("--folds", type=int, nargs="*", help="only these folds (default: all)")
+    parser.add_argument("--out-dir", help="where the files go (default: exports/<model>-<loss>)")
+    args = parser.parse_args(argv)
+
+    from pipeline.checkpoint import load_model
+    from pipeline.config import load_params
+
+    cfg = export_config(load_params(args.params))
+    run_dir = Path(args.run_dir)
+    checkpoints = fold_checkpoints(run_dir)
+    if args.folds:
+        missing = sorted(set(args.folds) - set(checkpoints))
+        if missing:
+            raise FileNotFoundError(f"no checkpoint for fold(s) {missing} in {run_dir} "
+                                    f"(trained folds: {sorted(checkpoints)})")
+        checkpoints = {k: checkpoints[k] for k in args.folds}
+    # Beside, not inside, the train stage's output: DVC outputs must not overlap.
+    out_root = Path(args.out_dir) if args.out_dir else Path("exports") / run_dir.name
+    records: list[dict] = []
+    for fold, ckpt_path in checkpoints.items():
+        model, ckpt = load_model(ckpt_path)
+        size = int(ckpt["image_size"])
+        log.info("fold %d: %s (%s, %d px) -> %s", fold, ckpt_path, type(model).__name__, size,
+                 out_root / f"fold_{fold}")
+        images, labels = _frames(fold, cfg["parity_split"], size, cfg["parity_frames"])
+        calibration = None
+        if "tflite_int8_full" in cfg["formats"]:
+            calibration, _ = _frames(fold, cfg["calibration_split"], size,
+                                     cfg["calibration_frames"])
+        records += export_model(model, out_root / f"fold_{fold}", size, images, labels,
+                                calibration, cfg["formats"], cfg["tolerance"],
+                                cfg["min_top1_agreement"], cfg["opset"], strict=False,
+                                extra={"fold": fold})
+    summary = {"run": run_dir.name, "passed": all(r["passed"] for r in records),
+               "n_files": len(records), "per_format": summarize(records), "records": records}
+    out_root.mkdir(parents=True, exist_ok=True)
+    (out_root / "parity.json").write_text(json.dumps(summary, indent=2) + "\n")
+    log.info("wrote %s (%d files, %s)", out_root / "parity.json", len(records),
+             "all within tolerance" if summary["passed"] else "SOME FAILED")
+    check_parity(records)
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])

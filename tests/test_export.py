@@ -1,0 +1,203 @@
+"""Export to ONNX / TFLite with real runtimes (ONNX Runtime, LiteRT interpreter) on a tiny model."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+import yaml
+from torch import nn
+
+from pipeline import edge_runner, export
+
+SIZE = 32
+
+
+class TinyNet(nn.Module):
+    """The layer types of the study's models: conv, depthwise conv, BN, ReLU, pooling, a dense
+    head with BatchNorm1d + PReLU + dropout; returns logits."""
+
+    def __init__(self, classes: int = 3):
+        super().__init__()
+        self.features = nn.Sequential(
+            nn.Conv2d(3, 8, 3, 2, 1, bias=False), nn.BatchNorm2d(8), nn.ReLU(),
+            nn.Conv2d(8, 8, 3, 1, 1, groups=8, bias=False), nn.BatchNorm2d(8), nn.ReLU(),
+            nn.Conv2d(8, 16, 1, bias=False), nn.BatchNorm2d(16), nn.ReLU())
+        self.head = nn.Sequential(nn.AvgPool2d(4), nn.Flatten(), nn.Linear(16 * 4 * 4, 12),
+                                  nn.BatchNorm1d(12), nn.PReLU(12), nn.Dropout(0.5),
+                                  nn.Linear(12, classes))
+
+    def forward(self, x):
+        return self.head(self.features(x))
+
+
+def tiny_model(seed: int = 0) -> nn.Module:
+    """A TinyNet whose BatchNorm parameters and statistics are random: with default BN
+    (scale 1 or 0, zero stats) converters fold branches away and parity means little."""
+    torch.manual_seed(seed)
+    model = TinyNet()
+    with torch.no_grad():
+        for m in model.modules():
+            if isinstance(m, nn.modules.batchnorm._BatchNorm):
+                m.weight.uniform_(0.5, 1.5)
+                m.bias.uniform_(-0.5, 0.5)
+                m.running_mean.uniform_(-0.2, 0.2)
+                m.running_var.uniform_(0.5, 1.5)
+    return model.eval()
+
+
+def images(n: int, seed: int) -> torch.Tensor:
+    return torch.rand(n, 3, SIZE, SIZE, generator=torch.Generator().manual_seed(seed))
+
+
+@pytest.fixture(scope="module")
+def exported(tmp_path_factory):
+    """Every format of one tiny model, exported and checked once for the module."""
+    model = tiny_model()
+    labels = torch.randint(0, 3, (12,), generator=torch.Generator().manual_seed(3))
+    out = tmp_path_factory.mktemp("export")
+    records = export.export_model(model, out, SIZE, images(12, 1), labels,
+                                  calibration=images(16, 2), extra={"fold": 0})
+    return model, out, {r["format"]: r for r in records}
+
+
+@pytest.mark.parametrize("fmt", export.FORMATS)
+def test_every_format_matches_pytorch(exported, fmt):
+    model, out, records = exported
+    record = records[fmt]
+    path = out / export.FILE_NAMES[fmt]
+    assert record["file"] == str(path) and path.stat().st_size == record["size_bytes"] > 0
+    assert record["passed"] and record["fold"] == 0 and record["n_frames"] == 12
+    assert record["tolerance"] == export.DEFAULT_TOLERANCE[fmt]
+    # Tighter than the defaults: a tiny model with random weights drifts little.
+    assert record["max_abs_diff"] <= {"onnx": 1e-5, "tflite_fp32": 1e-5}.get(fmt, 0.05)
+    assert record["top1_agreement"] == 1.0
+    assert {"accuracy_torch", "accuracy", "accuracy_change"} <= set(record)
+    # Fresh frames, not the ones the parity check used.
+    again = export.runtime_parity(model, path, images(5, 9))
+    assert again["n"] == 5 and again["max_abs_diff"] <= 0.05
+
+
+def test_float_exports_are_near_exact_and_quantized_ones_smaller(exported):
+    _, _, records = exported
+    assert records["onnx"]["max_abs_diff"] < 1e-5
+    assert records["tflite_fp32"]["max_abs_diff"] < 1e-5
+    # The quantized variants really are quantized: they drift a little from fp32 ...
+    assert records["tflite_int8_dynamic"]["max_abs_diff"] > records["tflite_fp32"]["max_abs_diff"]
+    assert records["tflite_int8_full"]["max_abs_diff"] > records["tflite_fp32"]["max_abs_diff"]
+    # ... and carry smaller weights (the tiny model's flatbuffer overhead blurs fp16 vs int8).
+    assert records["tflite_int8_dynamic"]["size_bytes"] < records["tflite_fp32"]["size_bytes"]
+    assert records["tflite_fp16"]["size_bytes"] < records["tflite_fp32"]["size_bytes"]
+
+
+def test_onnx_has_a_dynamic_batch_axis(exported):
+    model, out, _ = exported
+    session = edge_runner.OnnxModel(out / "model.onnx")
+    for n in (1, 2, 7):
+        x = images(n, 10 + n)
+        y = session(x.numpy())
+        assert y.shape == (n, 3)
+        np.testing.assert_allclose(y, model(x).detach().numpy(), atol=1e-5)
+
+
+def test_full_int8_tflite_has_int8_io_and_the_runner_dequantizes(exported):
+    _, out, _ = exported
+    runner = edge_runner.TFLiteModel(out / "model_int8_full.tflite")
+    assert runner.input["dtype"] == np.int8 and runner.input["quantization"][0] > 0
+    y = runner(images(3, 4).numpy())  # batch 3 through a batch-1 model
+    assert y.dtype == np.float32 and y.shape == (3, 3)
+
+
+def test_accuracy_change_on_labelled_images(exported):
+    model, out, _ = exported
+    x = images(10, 5)
+    labels = model(x).argmax(1)  # PyTorch is right on every frame by construction
+    result = export.accuracy_change(model, out / "model_int8_dynamic.tflite", x, labels)
+    assert result["accuracy_torch"] == 1.0 and result["n"] == 10
+    assert result["accuracy_change"] == pytest.approx(result["accuracy"] - 1.0)
+
+
+def test_tolerance_breach_raises_with_numbers_and_file(tmp_path):
+    model = tiny_model(1)
+    with pytest.raises(export.ParityError) as info:
+        export.export_model(model, tmp_path, SIZE, images(4, 6), formats=["tflite_int8_dynamic"],
+                            tolerance={"tflite_int8_dynamic": 1e-7})
+    message = str(info.value)
+    assert "model_int8_dynamic.tflite" in message and "tolerance 1e-07" in message
+    assert "max |logit diff|" in message and "on 4 frames" in message
+    assert len(info.value.failures) == 1 and not info.value.records[0]["passed"]
+    # Written all the same, so the failing file can be inspected.
+    assert (tmp_path / "model_int8_dynamic.tflite").is_file()
+
+
+def test_compare_outputs():
+    ref = np.array([[1.0, 0.0, 0.0], [0.0, 2.0, 0.0]])
+    out = np.array([[0.9, 0.0, 0.2], [0.0, 0.0, 2.5]])
+    result = export.compare_outputs(ref, out, labels=[0, 1])
+    assert result == pytest.approx({"max_abs_diff": 2.5, "mean_abs_diff": 0.8,
+                                    "rel_max_abs_diff": 1.25,
+                                    "top1_agreement": 0.5, "n": 2, "accuracy_torch": 1.0,
+                                    "accuracy": 0.5, "accuracy_change": -0.5})
+    with pytest.raises(ValueError, match="shape"):
+        export.compare_outputs(ref, out[:1])
+
+
+def test_gates():
+    result = {"max_abs_diff": 3.0, "top1_agreement": 0.6}
+    assert export.within_tolerance(result, None, 0.5)  # null tolerance: top-1 gate only
+    assert not export.within_tolerance(result, 1.0, 0.5)
+    assert not export.within_tolerance(result, None, 0.9)
+
+
+def test_bad_requests_name_the_valid_choices():
+    with pytest.raises(ValueError, match="valid"):
+        export.export_model(tiny_model(), "unused", SIZE, images(1, 0), formats=["tflite_int4"])
+    with pytest.raises(ValueError, match="valid"):
+        export.quantize_tflite(b"", "int4")
+    with pytest.raises(ValueError, match="calibration"):
+        export.quantize_tflite(b"", "int8_full", calibration=None)
+    with pytest.raises(ValueError, match="export.*valid"):
+        export.export_config({"export": {"tolerence": {}}})
+    cfg = export.export_config({"export": {"tolerance": {"tflite_int8_full": 2.0}}})
+    assert cfg["tolerance"]["tflite_int8_full"] == 2.0
+    assert cfg["tolerance"]["onnx"] == export.DEFAULT_TOLERANCE["onnx"]
+
+
+def test_main_exports_every_fold_and_writes_parity_json(tmp_path, monkeypatch):
+    """The stage's I/O: folds found, files laid out, parity.json written, failure after it."""
+    import pipeline.checkpoint
+
+    run_dir = tmp_path / "models" / "tiny-ce"
+    for k in (0, 1):
+        (run_dir / f"fold_{k}").mkdir(parents=True)
+        (run_dir / f"fold_{k}" / "best.pt").write_bytes(b"stand-in: load_model is patched")
+    monkeypatch.setattr(pipeline.checkpoint, "load_model",
+                        lambda path: (tiny_model(), {"image_size": SIZE, "classes": list("abc")}))
+    frames = []
+    monkeypatch.setattr(export, "_frames", lambda fold, split, size, limit: (
+        frames.append((fold, split, size, limit)) or images(4, fold).numpy(), np.zeros(4, int)))
+    params = {"export": {"formats": ["onnx", "tflite_fp32"], "parity_frames": 4}}
+    (tmp_path / "params.yaml").write_text(yaml.safe_dump(params))
+    monkeypatch.chdir(tmp_path)
+
+    export.main(["--run-dir", "models/tiny-ce"])
+    summary = json.loads((run_dir / "export" / "parity.json").read_text())
+    assert summary["passed"] and summary["n_files"] == 4 and summary["run"] == "tiny-ce"
+    assert set(summary["per_format"]) == {"onnx", "tflite_fp32"}
+    assert summary["per_format"]["onnx"]["mean_accuracy_change"] == 0.0
+    assert [(r["fold"], r["format"]) for r in summary["records"]] == [
+        (0, "onnx"), (0, "tflite_fp32"), (1, "onnx"), (1, "tflite_fp32")]
+    for r in summary["records"]:
+        assert {"format", "file", "max_abs_diff", "top1_agreement", "n_frames", "size_bytes",
+                "tolerance", "passed"} <= set(r)
+    assert (run_dir / "export" / "fold_1" / "model_fp32.tflite").is_file()
+    assert frames == [(0, "test", SIZE, 4), (1, "test", SIZE, 4)]  # no int8_full: no calibration
+
+    params["export"].update(formats=["onnx"], tolerance={"onnx": -1.0})  # impossible to meet
+    (tmp_path / "params.yaml").write_text(yaml.safe_dump(params))
+    with pytest.raises(export.ParityError, match="model.onnx"):
+        export.main(["--run-dir", "models/tiny-ce", "--folds", "1"])
+    summary = json.loads((run_dir / "export" / "parity.json").read_text())
+    assert not summary["passed"] and [r["passed"] for r in summary["records"]] == [False]
