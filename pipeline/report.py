@@ -31,9 +31,13 @@ log = logging.getLogger("pipeline.report")
 def fmt(x: object, digits: int = 3) -> str:
     if x is None or (isinstance(x, float) and not np.isfinite(x)):
         return "–"
+    if isinstance(x, (bool, np.bool_)):
+        return "yes" if x else "NO"
     if isinstance(x, (int, np.integer)):
         return f"{int(x):,}"
     if isinstance(x, (float, np.floating)):
+        if x != 0 and abs(x) < 10 ** -digits:  # parity differences of 1e-6 must not read as 0
+            return f"{float(x):.1e}"
         return f"{float(x):.{digits}f}"
     return str(x)
 
@@ -54,8 +58,9 @@ def write_table(df: pd.DataFrame, out_dir: Path, name: str, title: str, provenan
 
 def provenance(params: Mapping, runs: Mapping[str, dict]) -> str:
     ds = get(params, "dataset")
-    checks = Path(ds["checksums"])
-    data_rev = hashlib.sha256(checks.read_bytes()).hexdigest()[:12] if checks.is_file() else "?"
+    checks = Path(ds["checksums"]) if ds.get("checksums") else None
+    data_rev = (hashlib.sha256(checks.read_bytes()).hexdigest()[:12] if checks and checks.is_file()
+                else "unpinned")
     inits = sorted({r.get("init", "?") for r in runs.values()})
     devices = sorted({r.get("device_name", "?") for r in runs.values()})
     r0 = next(iter(runs.values()), {})
@@ -70,8 +75,8 @@ def ci_text(boot: Mapping, key: str) -> str:
 
 
 def build_tables(params: Mapping, evaluation: Mapping, runs: Mapping[str, dict],
-                 folds_table: pd.DataFrame, published: Mapping, complexity: Mapping[str, dict],
-                 out_dir: Path) -> list[str]:
+                 folds_table: pd.DataFrame, published: Mapping, benchmarks: Mapping[str, dict],
+                 parity: Mapping[str, dict], out_dir: Path) -> list[str]:
     """All tables; returns their Markdown sections in the study's order."""
     classes = evaluation["classes"]
     prov = provenance(params, runs)
@@ -83,16 +88,50 @@ def build_tables(params: Mapping, evaluation: Mapping, runs: Mapping[str, dict],
                                 "Table I — frames (videos, patients) per class in each test fold",
                                 prov))
     rows = []
-    for cell, r in runs.items():
-        model = r["model"]
-        c = complexity.get(cell, {})
-        rows.append({"model": model, "loss": r["loss"], "parameters": r.get("parameters"),
+    for model in dict.fromkeys(r["model"] for r in runs.values()):
+        r = next(r for r in runs.values() if r["model"] == model)
+        c = benchmarks.get(model, {}).get("complexity", {})
+        sizes = c.get("file_size_bytes", {})
+        rows.append({"model": model, "parameters": r.get("parameters"),
                      "trainable": r.get("trainable_parameters"),
                      "published": published.get("parameters", {}).get(model),
-                     "checkpoint MB": r.get("checkpoint_mb"), "onnx MB": c.get("onnx_mb"),
-                     "GFLOPs": c.get("gflops"), "init": r.get("init")})
+                     "GMACs": c["macs"] / 1e9 if c.get("macs") else None,
+                     "GFLOPs": c["flops"] / 1e9 if c.get("flops") else None,
+                     "memory MB": c["memory_bytes"] / 1e6 if c.get("memory_bytes") else None,
+                     **{f"{name} MB": sizes[name] / 1e6 for name in sizes},
+                     "input px": c.get("image_size"), "init": r.get("init")})
     sections.append(write_table(pd.DataFrame(rows), out_dir, "table2_complexity",
-                                "Table II — parameters, file size and FLOPs", prov))
+                                "Table II — parameters, FLOPs, memory and file size per model",
+                                prov, ["FLOPs = 2 x MACs at the input size (torch FlopCounterMode); "
+                                       "memory = weights + activations of one forward."]))
+    rows = []
+    for cell, p in parity.items():
+        for fmt_name, f in p.get("per_format", {}).items():
+            rows.append({"row": cell, "format": fmt_name, "max |logit diff|": f.get("max_abs_diff"),
+                         "min top-1 agreement": f.get("min_top1_agreement"),
+                         "accuracy change": f.get("mean_accuracy_change"),
+                         "within tolerance": f.get("passed")})
+    if rows:
+        sections.append(write_table(pd.DataFrame(rows), out_dir, "export_parity",
+                                    "Export parity — every fold's files vs PyTorch on real test frames "
+                                    "(worst fold)", prov))
+    rows = []
+    for model, b in benchmarks.items():
+        sizes = b.get("complexity", {}).get("file_size_bytes", {})
+        for rec in b.get("records", []):
+            rows.append({"model": model, "runtime": rec["format"], "device": rec.get("device_type"),
+                         "threads": rec.get("threads"), "median ms": rec.get("median_ms"),
+                         "p90 ms": rec.get("p90_ms"),
+                         "file MB": (sizes.get(rec["format"]) or 0) / 1e6 or None,
+                         "host": f"{rec.get('host')}: {rec.get('device', {}).get('cpu')} "
+                                 f"({rec.get('device', {}).get('cores')} cores)"})
+    if rows:
+        sections.append(write_table(pd.DataFrame(rows), out_dir, "table9_latency",
+                                    "Table IX — batch-1 latency (median, p90 over the runs after "
+                                    "warm-up) per runtime", prov,
+                                    ["The study timed TFLite models on a Raspberry Pi 4 and a Jetson "
+                                     "AGX Xavier; run this stage against such a device with "
+                                     "`-S benchmark.remote=...` (README)."]))
     for num, cls in zip(("4", "5", "6"), classes):
         rows = []
         for cell, e in evaluation["cells"].items():
@@ -238,13 +277,40 @@ def load_runs(cells: Sequence[str], models_dir: Path, params: Mapping) -> dict[s
     return runs
 
 
-def load_complexity(cells: Sequence[str], exports_dir: Path) -> dict[str, dict]:
+def load_json_files(names: Sequence[str], pattern: str) -> dict[str, dict]:
+    """``{name: json}`` for the files ``pattern.format(name)`` that exist."""
     out = {}
-    for cell in cells:
-        f = exports_dir / cell / "complexity.json"
+    for name in names:
+        f = Path(pattern.format(name))
         if f.is_file():
-            out[cell] = json.loads(f.read_text())
+            out[name] = json.loads(f.read_text())
     return out
+
+
+def tradeoff_figure(evaluation: Mapping, benchmarks: Mapping[str, dict], grid_loss: str,
+                    out_png: Path) -> bool:
+    """Accuracy vs ONNX Runtime 1-thread latency, marker area ~ file size: the study's argument."""
+    pts = []
+    for model, b in benchmarks.items():
+        cell = f"{model}-{grid_loss}"
+        rec = next((r for r in b.get("records", []) if r["format"] == "onnx" and r.get("threads") == 1), None)
+        if cell not in evaluation["cells"] or rec is None:
+            continue
+        size = b.get("complexity", {}).get("file_size_bytes", {}).get("onnx", 0) / 1e6
+        pts.append((model, rec["median_ms"], evaluation["cells"][cell]["frame"]["pooled"]["accuracy"], size))
+    if not pts:
+        return False
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for model, ms, acc, mb in pts:
+        ax.scatter(ms, acc, s=max(mb, 1) * 8, alpha=0.6)
+        ax.annotate(f"{model}\n{mb:.1f} MB", (ms, acc), fontsize=8)
+    ax.set_xlabel("batch-1 latency, ONNX Runtime 1 thread (ms)")
+    ax.set_ylabel(f"pooled accuracy ({grid_loss})")
+    ax.set_title("accuracy vs latency vs size")
+    fig.tight_layout()
+    fig.savefig(out_png, dpi=90)
+    plt.close(fig)
+    return True
 
 
 def main(argv: Sequence[str] | None = None) -> None:
@@ -256,9 +322,28 @@ def main(argv: Sequence[str] | None = None) -> None:
     runs = load_runs(cells, Path("models"), params)
     published = yaml.safe_load(Path("data/published.yaml").read_text())
     folds_table = pd.read_csv(Path(get(params, "folds.dir")) / "table1.csv")
-    sections = build_tables(params, evaluation, runs, folds_table, published,
-                            load_complexity(cells, Path("exports")), out / "tables")
+    models = list(get(params, "grid.models"))
+    benchmarks = load_json_files(models, str(out / "benchmark" / "{}.json"))
+    parity = load_json_files(cells, "exports/{}/parity.json")
+    sections = build_tables(params, evaluation, runs, folds_table, published, benchmarks, parity,
+                            out / "tables")
     figs = figures(evaluation, out / "figures", out / "plots", Path("models"))
+    if tradeoff_figure(evaluation, benchmarks, get(params, "grid.losses")[0],
+                       out / "figures" / "tradeoff.png"):
+        figs.append("tradeoff.png")
+    from pipeline.gradcam import gradcam_grid
+
+    skipped: list[str] = []
+    for model in models:
+        cell = f"{model}-{get(params, 'grid.losses')[0]}"
+        name = f"gradcam_{cell}.png"
+        try:
+            gradcam_grid(Path("models") / cell, 4, out / "figures" / name,
+                         frames_dir=Path(get(params, "dataset.frames_dir")))
+            figs.append(name)
+        except Exception as exc:  # noqa: BLE001 - a figure must not cost the tables
+            log.warning("Grad-CAM for %s skipped: %s", cell, exc)
+            skipped.append(f"Grad-CAM for {cell} skipped: {exc}")
     page = ["# Generated report\n",
             "Regenerated by `dvc repro` from the runs of this workspace; do not edit by hand. "
             "Published numbers come from `data/published.yaml` (see REFERENCE).\n"]
@@ -269,6 +354,7 @@ def main(argv: Sequence[str] | None = None) -> None:
                     "(`dvc exp run -S experiment=paper`).\n")
     page += sections
     page.append("## Figures\n")
+    page += [f"> {note}\n" for note in skipped]
     page += [f"![{f}](figures/{f})\n" for f in figs]
     (out / "README.md").write_text("\n".join(page))
     log.info("wrote %d tables and %d figures under %s", len(sections), len(figs), out)

@@ -144,7 +144,10 @@ def main(argv: Sequence[str] | None = None) -> None:
     frames = used_frames(ds["frames_dir"])
     store = FrameStore(ds["frames_dir"], frames, size)
     real = store.tensor(list(frames["frame"]))
-    rows = []
+    rows: list[dict] = []
+    result = {"device": device_info(), "image_size": size, "rows": rows}
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
     for model in models:
         for bs in args.batch_sizes:
             r = measure(params, model, bs, "real", args.steps, args.warmup, real)
@@ -153,11 +156,9 @@ def main(argv: Sequence[str] | None = None) -> None:
                          "random": q["images_per_s"], "detail": [r, q]})
             log.info("%s batch %d: real %.0f img/s, random %.0f img/s", model, bs,
                      r["images_per_s"], q["images_per_s"])
-    result = {"device": device_info(), "image_size": size, "rows": rows}
-    out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.with_suffix(".json").write_text(json.dumps(result, indent=2) + "\n")
-    out.with_suffix(".md").write_text(to_markdown(result))
+            # Written after every row: a run stopped at a deadline keeps what it measured.
+            out.with_suffix(".json").write_text(json.dumps(result, indent=2) + "\n")
+            out.with_suffix(".md").write_text(to_markdown(result))
 
 
 if __name__ == "__main__":

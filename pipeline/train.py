@@ -125,6 +125,13 @@ def train_fold(params: Mapping, model_name: str, loss_name: str, fold: int, stor
     limit = tcfg.get("max_frames_per_source")
     parts = {s: subsample_per_source(fold_frames(store.frames, splits, fold, s), limit)
              for s in ("train", "val", "test")}
+    factor = int(tcfg.get("minority_oversample") or 1)
+    if factor > 1:
+        # The chest X-ray study's x5 augmentation of the minority class: the copies are drawn
+        # through the same random augmentation, so each is a different image.
+        train = parts["train"]
+        minority = train["label"].value_counts().idxmin()
+        parts["train"] = pd.concat([train] + [train[train["label"] == minority]] * (factor - 1))
     images = {s: store.tensor(list(p["frame"])) for s, p in parts.items()}
     labels = {s: torch.tensor(p["label"].to_numpy(), dtype=torch.long) for s, p in parts.items()}
     if device.type == "cuda":
