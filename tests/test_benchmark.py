@@ -133,7 +133,7 @@ def test_main_writes_the_report(exported, tmp_path, monkeypatch):
 
     model, out = exported
     run_dir = tmp_path / "models" / "tiny-ce"
-    shutil.copytree(out, run_dir / "export" / "fold_0")
+    shutil.copytree(out, tmp_path / "exports" / "tiny-ce" / "fold_0")
     monkeypatch.setattr(pipeline.checkpoint, "load_model",
                         lambda path: (model, {"image_size": SIZE, "classes": list("abc")}))
     params = {"benchmark": {**RUNS, "threads": [1], "formats": ["onnx"], "cuda": False}}

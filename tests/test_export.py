@@ -183,7 +183,8 @@ def test_main_exports_every_fold_and_writes_parity_json(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
 
     export.main(["--run-dir", "models/tiny-ce"])
-    summary = json.loads((run_dir / "export" / "parity.json").read_text())
+    out_dir = tmp_path / "exports" / "tiny-ce"  # beside the run, not inside the train output
+    summary = json.loads((out_dir / "parity.json").read_text())
     assert summary["passed"] and summary["n_files"] == 4 and summary["run"] == "tiny-ce"
     assert set(summary["per_format"]) == {"onnx", "tflite_fp32"}
     assert summary["per_format"]["onnx"]["mean_accuracy_change"] == 0.0
@@ -192,12 +193,12 @@ def test_main_exports_every_fold_and_writes_parity_json(tmp_path, monkeypatch):
     for r in summary["records"]:
         assert {"format", "file", "max_abs_diff", "top1_agreement", "n_frames", "size_bytes",
                 "tolerance", "passed"} <= set(r)
-    assert (run_dir / "export" / "fold_1" / "model_fp32.tflite").is_file()
+    assert (out_dir / "fold_1" / "model_fp32.tflite").is_file()
     assert frames == [(0, "test", SIZE, 4), (1, "test", SIZE, 4)]  # no int8_full: no calibration
 
     params["export"].update(formats=["onnx"], tolerance={"onnx": -1.0})  # impossible to meet
     (tmp_path / "params.yaml").write_text(yaml.safe_dump(params))
     with pytest.raises(export.ParityError, match="model.onnx"):
         export.main(["--run-dir", "models/tiny-ce", "--folds", "1"])
-    summary = json.loads((run_dir / "export" / "parity.json").read_text())
+    summary = json.loads((out_dir / "parity.json").read_text())
     assert not summary["passed"] and [r["passed"] for r in summary["records"]] == [False]
