@@ -119,6 +119,14 @@ def test_dvc_repro_produces_every_output(project):
                   "Table VIII "):
         assert table in page, table
     assert (project / "reports/tables/table7_accuracy.tex").is_file()
+    # every fold model exported to every format, each file checked against PyTorch
+    for cell in ("mini_covidnet-ce", "mini_covidnet-focal"):
+        parity = json.loads((project / "exports" / cell / "parity.json").read_text())
+        assert parity["passed"] and parity["n_files"] == 2 * 5
+        assert (project / "exports" / cell / "fold_1" / "model_int8_full.tflite").is_file()
+    bench = json.loads((project / "reports/benchmark/mini_covidnet.json").read_text())
+    assert {r["format"] for r in bench["records"]} >= {"torch_eager", "onnx", "tflite_fp32"}
+    assert "Table IX " in page and "Export parity" in page
     # a second repro reruns nothing
     again = run(["dvc", "repro"], project)
     assert "Running stage" not in again
