@@ -56,3 +56,22 @@ def load_model(path: str | Path) -> tuple[nn.Module, dict]:
     model.load_state_dict(ckpt.pop("state_dict"))
     model.eval()
     return model, ckpt
+
+
+def fold_checkpoints(run_dir: str | Path) -> dict[int, Path]:
+    """``{k: <run_dir>/fold_<k>/best.pt}`` for every trained fold of a run, sorted by fold.
+
+    Raises:
+        FileNotFoundError: the run folder or every checkpoint in it is missing.
+    """
+    run_dir = Path(run_dir)
+    found = {}
+    for path in run_dir.glob("fold_*/best.pt"):
+        k = path.parent.name.removeprefix("fold_")
+        if k.isdigit():
+            found[int(k)] = path
+    if not found:
+        what = "does not exist" if not run_dir.is_dir() else "holds no fold_<k>/best.pt"
+        raise FileNotFoundError(f"run directory {run_dir} {what}: train it first "
+                                f"(dvc repro train@{run_dir.name})")
+    return dict(sorted(found.items()))

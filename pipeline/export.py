@@ -376,20 +376,6 @@ def summarize(records: Sequence[Mapping]) -> dict:
     return out
 
 
-def fold_checkpoints(run_dir: str | Path) -> dict[int, Path]:
-    """``{k: <run-dir>/fold_<k>/best.pt}`` for every trained fold of a run."""
-    run_dir = Path(run_dir)
-    found = {}
-    for path in run_dir.glob("fold_*/best.pt"):
-        k = path.parent.name.removeprefix("fold_")
-        if k.isdigit():
-            found[int(k)] = path
-    if not found:
-        raise FileNotFoundError(f"no {run_dir}/fold_<k>/best.pt: train this run first "
-                                f"(dvc repro train@{run_dir.name})")
-    return dict(sorted(found.items()))
-
-
 def _frames(fold: int, split: str, image_size: int, limit: int | None):
     from pipeline.data import load_split_images  # the data stage's outputs are needed only here
 
@@ -414,6 +400,8 @@ def main(argv: Sequence[str] | None = None) -> None:
 
     cfg = export_config(load_params(args.params))
     run_dir = Path(args.run_dir)
+    from pipeline.checkpoint import fold_checkpoints
+
     checkpoints = fold_checkpoints(run_dir)
     if args.folds:
         missing = sorted(set(args.folds) - set(checkpoints))

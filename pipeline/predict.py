@@ -66,17 +66,13 @@ def find_checkpoints(run_dir: str | Path) -> dict[int, Path]:
     Raises:
         PredictError: The run folder or every checkpoint in it is missing.
     """
-    run_dir = Path(run_dir)
-    found = {}
-    for path in run_dir.glob("fold_*/best.pt"):
-        k = path.parent.name.removeprefix("fold_")
-        if k.isdigit():
-            found[int(k)] = path
-    if not found:
-        what = "does not exist" if not run_dir.is_dir() else "holds no fold_<k>/best.pt"
-        raise PredictError(f"run directory {run_dir} {what}: run `dvc repro` first (it trains "
-                           f"models/<model>-<loss>), or pass --run with a trained run")
-    return dict(sorted(found.items()))
+    from pipeline.checkpoint import fold_checkpoints
+
+    try:
+        return fold_checkpoints(run_dir)
+    except FileNotFoundError as exc:
+        raise PredictError(f"{exc}; run `dvc repro` first, or pass --run with a trained "
+                           f"run") from exc
 
 
 def onnx_candidates(run_dir: str | Path, onnx_dir: str | Path | None = None) -> list[Path]:
