@@ -120,15 +120,63 @@ def load_split_images(fold: int, split: str, image_size: int, limit: int | None 
     return torch.from_numpy(images), torch.as_tensor(part["label"].to_numpy(), dtype=torch.long)
 
 
-def augment_batch(x: torch.Tensor, cfg: Mapping, generator: torch.Generator) -> torch.Tensor:
-    """Random rotation, shifts and flips, drawn per image, applied to a float batch in one
-    ``grid_sample`` (on whatever device the batch is on).
+def affine_theta(angle: torch.Tensor, tx: torch.Tensor, ty: torch.Tensor, sx: torch.Tensor,
+                 sy: torch.Tensor, zoom_w: torch.Tensor, zoom_h: torch.Tensor,
+                 shear: torch.Tensor, aspect: float = 1.0) -> torch.Tensor:
+    """``(N, 2, 3)`` matrices for ``F.affine_grid`` that map output to input coordinates.
 
-    Matches the study's Keras ImageDataGenerator settings: rotation in [-r, r] degrees, shifts of
-    up to ``shift`` x size, horizontal/vertical flips with probability 0.5, edge pixels repeated
-    (Keras ``fill_mode='nearest'`` = ``padding_mode='border'``).
+    In the grid's ``(x, y)`` coordinates (x along the width, both in [-1, 1]):
+    ``input = R(angle) @ Shear(shear) @ Zoom(zoom_w, zoom_h) @ Flip(sx, sy) @ output + (tx, ty)``,
+    Keras' ``apply_affine_transform`` order (rotation, shift, shear, zoom; flips after the warp).
+    The shift is not rotated (Keras rotates it; with rotations of a few degrees and symmetric
+    ranges the distributions barely differ), kept as it was before zoom/shear existed.
+
+    Keras' shear matrix in (row, col) pixels is ``[[1, -sin s], [0, cos s]]``: the output pixel
+    at centred (row, col) reads the input at ``(row - sin(s) * col, cos(s) * col)``; ``aspect``
+    (W / H) carries the pixel offset into the normalised y coordinate. Zoom factors scale the
+    sampling coordinates as in Keras: a factor ``f`` shows the content magnified ``1 / f``.
+
+    Args:
+        angle: Rotation in radians. tx, ty: shifts in grid units (2 = the whole width/height).
+        sx, sy: -1 to flip horizontally/vertically, else 1.
+        zoom_w, zoom_h: Sampling scale along the width/height (1 = none).
+        shear: Shear angle in radians (0 = none). All of shape ``(N,)``.
+        aspect: Image width / height.
     """
-    n = x.shape[0]
+    cos, sin = torch.cos(angle), torch.sin(angle)
+    # M = Shear @ Zoom @ Flip = [[a, 0], [c, d]]; with no shear and no zoom, a = sx, c = 0, d = sy,
+    # and R @ M below reproduces the former rotation/flip matrix bit for bit.
+    a = torch.cos(shear) * zoom_w * sx
+    c = -torch.sin(shear) * aspect * zoom_w * sx
+    d = zoom_h * sy
+    return torch.stack([torch.stack([cos * a - sin * c, -sin * d, tx], 1),
+                        torch.stack([sin * a + cos * c, cos * d, ty], 1)], 1)
+
+
+def augment_batch(x: torch.Tensor, cfg: Mapping, generator: torch.Generator) -> torch.Tensor:
+    """Random rotation, shifts, zoom, shear and flips, drawn per image, applied to a float batch
+    in one ``grid_sample`` (on whatever device the batch is on).
+
+    Matches the studies' Keras ImageDataGenerator settings: ``rotation`` in [-r, r] degrees,
+    shifts of up to ``shift`` x size, horizontal/vertical flips with probability 0.5, edge pixels
+    repeated (Keras ``fill_mode='nearest'`` = ``padding_mode='border'``), and:
+
+    * ``zoom`` = Keras ``zoom_range`` z: sampling scales drawn independently for width and height
+      in [1 - z, 1 + z], as Keras draws ``zx, zy``; a scale below 1 magnifies (zooms in).
+    * ``shear`` = Keras ``shear_range`` in DEGREES: the angle is drawn in [-s, s] degrees
+      (Keras' ImageDataGenerator documents "shear angle ... in degrees" and converts with
+      ``np.deg2rad`` in ``apply_affine_transform``; older Keras releases documented radians).
+      So the common ``shear_range=0.2`` is a 0.2 degree shear: under half a pixel at 224 px.
+
+    ``zoom``/``shear`` absent or 0 = off; their random numbers are then not drawn, so configs
+    without them keep the exact former random stream and output.
+
+    Args:
+        x: Float batch ``(N, C, H, W)``.
+        cfg: ``train.augment``: rotation, shift, hflip, vflip, zoom, shear.
+        generator: CPU generator that draws the parameters (reproducible runs).
+    """
+    n, h, w = x.shape[0], x.shape[-2], x.shape[-1]
     dev = x.device
     rnd = torch.rand((n, 5), generator=generator).to(dev)
     angle = (rnd[:, 0] * 2 - 1) * math.radians(float(cfg.get("rotation", 0)))
@@ -136,8 +184,19 @@ def augment_batch(x: torch.Tensor, cfg: Mapping, generator: torch.Generator) -> 
     tx, ty = (rnd[:, 1] * 2 - 1) * shift * 2, (rnd[:, 2] * 2 - 1) * shift * 2  # grid spans [-1, 1]
     sx = torch.where((rnd[:, 3] < 0.5) & bool(cfg.get("hflip")), -1.0, 1.0)
     sy = torch.where((rnd[:, 4] < 0.5) & bool(cfg.get("vflip")), -1.0, 1.0)
-    cos, sin = torch.cos(angle), torch.sin(angle)
-    theta = torch.stack([torch.stack([cos * sx, -sin * sy, tx], 1),
-                         torch.stack([sin * sx, cos * sy, ty], 1)], 1).to(x.dtype)
+    zoom = float(cfg.get("zoom") or 0)
+    shear = float(cfg.get("shear") or 0)
+    if zoom < 0 or zoom >= 1 or shear < 0:
+        raise ValueError(f"train.augment needs 0 <= zoom < 1 and shear >= 0 (degrees); got "
+                         f"zoom={zoom}, shear={shear}")
+    zoom_w = zoom_h = torch.ones(n, device=dev)
+    if zoom:
+        z = torch.rand((n, 2), generator=generator).to(dev)
+        zoom_w, zoom_h = 1 + (z[:, 0] * 2 - 1) * zoom, 1 + (z[:, 1] * 2 - 1) * zoom
+    shear_rad = torch.zeros(n, device=dev)
+    if shear:
+        shear_rad = (torch.rand(n, generator=generator).to(dev) * 2 - 1) * math.radians(shear)
+    theta = affine_theta(angle, tx, ty, sx, sy, zoom_w, zoom_h, shear_rad,
+                         aspect=w / h).to(x.dtype)
     grid = F.affine_grid(theta, list(x.shape), align_corners=False)
     return F.grid_sample(x, grid, mode="bilinear", padding_mode="border", align_corners=False)

@@ -1,4 +1,5 @@
-"""Model registry: the architectures of the Mini-COVIDNet study, built by name.
+"""Model registry: the architectures of the Mini-COVIDNet study and of the chest X-ray studies,
+built by name.
 
 Every model is ``normalize -> backbone -> head`` and maps an RGB float batch in [0, 1]
 (``(B, 3, H, W)``) to LOGITS ``(B, num_classes)``; the caller applies softmax. The backbones
@@ -9,18 +10,32 @@ A model is described by its config group ``conf/model/<arch>.yaml``::
 
     arch: mini_covidnet        # registry name (= file name)
     pretrained: none           # none | imagenet | <path to a weights file>
-    normalize: imagenet        # imagenet | none
-    head: {hidden: 128, activation: prelu, dropout: 0.5, pool: 4}
+    normalize: imagenet        # imagenet | none | inception (mean = std = 0.5)
+    head: {kind: pool_mlp, hidden: 128, activation: prelu, dropout: 0.5, pool: 4,
+           feature_map: null}
     freeze: {policy: all, n: 0, layers: []}
 
 Keys left out fall back to the architecture's defaults (:func:`default_model_config`, kept
 equal to the YAML files by a test), so ``build_model({"arch": "pocovidnet"}, 3)`` is the
 published POCOVID-Net.
 
-Input sizes: the dense head pools with Keras' ``AveragePooling2D(4)`` and expects a 1x1 map
-after it, as at 224 px (7x7 features). The kernel is clipped to the feature map, so inputs from
-32 px up to 255 px work for the stride-32 backbones; larger inputs raise a ValueError. The
-capsule networks take any input from 14 px up (their cost grows with the pixel count).
+Heads (``head.kind``):
+
+* ``pool_mlp`` (the Mini-COVIDNet study's head): AvgPool(``pool``) -> Flatten -> Dense(``hidden``)
+  -> BatchNorm -> ``activation`` -> Dropout(``dropout``) -> Dense(classes).
+* ``flatten`` (chest X-ray study 002): Flatten -> Dropout(``dropout``) -> Dense(classes) on the
+  whole ``C x feature_map x feature_map`` map, so it fits one input size only.
+* ``gap_linear`` (torchvision/timm/MedMNIST classifiers): global average pool ->
+  Dropout(``dropout``) -> Dense(classes); any input size.
+
+Input sizes: the ``pool_mlp`` head pools with Keras' ``AveragePooling2D(4)`` and expects a 1x1
+map after it, as at 224 px (7x7 features). The kernel is clipped to the feature map, so inputs
+from 32 px up to 255 px work for the stride-32 backbones; larger inputs raise a ValueError. The
+``flatten`` head needs the backbone's map to be exactly ``feature_map`` square (7 at 224 px for
+the stride-32 backbones, 5 for inception_v3; the ValueError names ``train.image_size``).
+inception_v3 needs inputs of at least 75 px (as Keras' InceptionV3), and batches of 2 or more
+in training mode below 107 px (its last BatchNorms then see 1x1 maps). The capsule
+networks take any input from 14 px up (their cost grows with the pixel count).
 """
 
 from __future__ import annotations
@@ -37,9 +52,17 @@ from torch import nn
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
+# The TF/Keras-ported Xception and InceptionV3 weights expect pixels in [-1, 1] (Keras'
+# "tf" preprocess_input mode), i.e. (x - 0.5) / 0.5.
+INCEPTION_MEAN = (0.5, 0.5, 0.5)
+INCEPTION_STD = (0.5, 0.5, 0.5)
+_NORMALIZATIONS = {"imagenet": (IMAGENET_MEAN, IMAGENET_STD),
+                   "inception": (INCEPTION_MEAN, INCEPTION_STD)}
 
-NORMALIZE_CHOICES = ("imagenet", "none")
+NORMALIZE_CHOICES = ("imagenet", "none", "inception")
 ACTIVATION_CHOICES = ("prelu", "relu")
+HEAD_KINDS = ("pool_mlp", "flatten", "gap_linear")
+STEM_CHOICES = ("imagenet", "cifar")
 FREEZE_POLICIES = ("all", "last_n", "named", "head_only")
 
 # Keras' BatchNormalization defaults (momentum 0.99 = PyTorch momentum 0.01, epsilon 1e-3): the
@@ -50,7 +73,11 @@ _KERAS_BN = {"eps": 1e-3, "momentum": 0.01}
 _BASE_CONFIG: dict[str, Any] = {
     "pretrained": "none",
     "normalize": "imagenet",
-    "head": {"hidden": 128, "activation": "prelu", "dropout": 0.5, "pool": 4},
+    # kind pool_mlp uses hidden/activation/dropout/pool; flatten uses dropout/feature_map (the
+    # backbone's output size it is built for: the Linear layer's width depends on it);
+    # gap_linear uses dropout.
+    "head": {"kind": "pool_mlp", "hidden": 128, "activation": "prelu", "dropout": 0.5, "pool": 4,
+             "feature_map": None},
     "freeze": {"policy": "all", "n": 0, "layers": []},
 }
 
@@ -134,6 +161,48 @@ class PoolHead(nn.Module):
         return self.fc2(self.drop(self.act(self.bn(self.fc1(x.flatten(1))))))
 
 
+class FlattenHead(nn.Module):
+    """Study 002's Keras head: Flatten -> Dropout -> Dense(num_classes) (logits).
+
+    The Dense layer sees every position of the ``feature_map x feature_map`` map, so the head
+    (and its parameter count) belongs to one input size. Flattening is in PyTorch's (C, H, W)
+    order, not Keras' (H, W, C): the same function class, only a permutation of the weights.
+    """
+
+    def __init__(self, in_channels: int, num_classes: int, *, feature_map: int,
+                 dropout: float) -> None:
+        super().__init__()
+        self.feature_map = int(feature_map)
+        self.drop = nn.Dropout(dropout)
+        self.fc = nn.Linear(in_channels * self.feature_map ** 2, num_classes)
+        nn.init.xavier_uniform_(self.fc.weight)  # Keras Dense defaults, as the study's code
+        nn.init.zeros_(self.fc.bias)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h, w = x.shape[-2:]
+        fm = self.feature_map
+        if (h, w) != (fm, fm):
+            raise ValueError(
+                f"the flatten head was built for a {fm}x{fm} feature map (model.head.feature_map"
+                f"={fm}) but the backbone gave {h}x{w}: set train.image_size to the input size "
+                f"that gives {fm}x{fm} (224 px gives 7x7 on the stride-32 backbones, 5x5 on "
+                f"inception_v3), or model.head.feature_map to match train.image_size")
+        return self.fc(self.drop(x.flatten(1)))
+
+
+class GapLinearHead(nn.Module):
+    """Global average pool -> Dropout -> Linear(num_classes): the torchvision/timm classifier
+    (MedMNIST's ResNets), for any input size. PyTorch's default Linear init, as those models."""
+
+    def __init__(self, in_channels: int, num_classes: int, *, dropout: float) -> None:
+        super().__init__()
+        self.drop = nn.Dropout(dropout)
+        self.fc = nn.Linear(in_channels, num_classes)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc(self.drop(x.mean((2, 3))))
+
+
 class ImageClassifier(nn.Module):
     """``normalize -> backbone -> head``; built by :func:`build_model`.
 
@@ -147,7 +216,7 @@ class ImageClassifier(nn.Module):
     def __init__(self, backbone: nn.Module, head: nn.Module, *, arch: str, normalize: str,
                  blocks: Sequence[Sequence[str]], gradcam_layer: str) -> None:
         super().__init__()
-        self.normalize = (Normalize(IMAGENET_MEAN, IMAGENET_STD) if normalize == "imagenet"
+        self.normalize = (Normalize(*_NORMALIZATIONS[normalize]) if normalize in _NORMALIZATIONS
                           else nn.Identity())
         self.backbone = backbone
         self.head = head
@@ -290,8 +359,10 @@ def _imagenet_error(arch: str, source: str, err: Exception) -> RuntimeError:
     return RuntimeError(
         f"model.pretrained=imagenet: could not load the ImageNet weights of {arch} ({source}): "
         f"{type(err).__name__}: {err}. Without internet access, put the weights in the package's "
-        f"cache first (timm: the Hugging Face cache, HF_HOME, with HF_HUB_OFFLINE=1; pytorchcv: "
-        f"~/.torch/models), or set model.pretrained to none or to a local weights file")
+        f"cache first (timm: the Hugging Face cache, HF_HOME, with HF_HUB_OFFLINE=1, or for "
+        f"weights timm fetches by URL, legacy_xception's, the torch hub cache "
+        f"$TORCH_HOME/hub/checkpoints; pytorchcv: ~/.torch/models), or set model.pretrained to "
+        f"none or to a local weights file")
 
 
 def _timm_backbone(arch: str, name: str, pretrained: bool) -> nn.Module:
@@ -311,8 +382,17 @@ def _timm_backbone(arch: str, name: str, pretrained: bool) -> nn.Module:
         raise _imagenet_error(arch, f"timm {name}", err) from err
 
 
-def _head(cfg: dict, in_channels: int, num_classes: int) -> PoolHead:
-    return PoolHead(in_channels, num_classes, **cfg["head"])
+def _head(cfg: dict, in_channels: int, num_classes: int) -> nn.Module:
+    """The head that ``cfg["head"]["kind"]`` names, on ``in_channels`` backbone channels."""
+    head = cfg["head"]
+    if head["kind"] == "flatten":
+        return FlattenHead(in_channels, num_classes, feature_map=int(head["feature_map"]),
+                           dropout=float(head["dropout"]))
+    if head["kind"] == "gap_linear":
+        return GapLinearHead(in_channels, num_classes, dropout=float(head["dropout"]))
+    return PoolHead(in_channels, num_classes, hidden=int(head["hidden"]),
+                    activation=head["activation"], dropout=float(head["dropout"]),
+                    pool=int(head["pool"]))
 
 
 def _blocks_of(prefix: str, module: nn.Module) -> list[tuple[str]]:
@@ -405,10 +485,149 @@ def resnet50(cfg: dict, num_classes: int) -> ImageClassifier:
                            gradcam_layer="layer4")
 
 
+# --------------------------------------------------------------------------------------------
+# Generic timm backbones (study 002's comparison table; MedMNIST's ResNet-18)
+# --------------------------------------------------------------------------------------------
+# The entries below are not in the Mini-COVIDNet study, whose pooled MLP head they do not need:
+# they default to the size-independent gap_linear head without dropout (study 002's Keras head
+# and MedMNIST's have none). Study 002's own head is `head.kind: flatten` with the feature map
+# of its 224 px input (conf/experiment/cxr_pneumonia_mobilenetv2.yaml).
+# ImageNet weights come from the timm tag in each timm name (pinned so that a timm release that
+# changes its default tag cannot change the weights silently).
+_GENERIC_HEAD = {"kind": "gap_linear", "dropout": 0.0}
+
+
+def _param_blocks(module: nn.Module, prefix: str = "") -> list[tuple[str]]:
+    """One block per child that holds parameters (parameter-free pools/activations skipped)."""
+    return [(f"{prefix}{name}",) for name, child in module.named_children()
+            if any(True for _ in child.parameters())]
+
+
+@_register("timm legacy_xception.tf_in1k", normalize="inception", head=_GENERIC_HEAD)
+def xception(cfg: dict, num_classes: int) -> ImageClassifier:
+    """Xception (Chollet 2017) features + head.
+
+    timm ``legacy_xception``: the original Keras Xception layout (entry flow, 8 middle-flow
+    blocks, exit flow; 20.8M backbone parameters). ``pretrained: imagenet`` loads
+    ``legacy_xception.tf_in1k``, the Keras/TF Xception weights ported to PyTorch (Cadene's
+    pretrained-models file, a GitHub release URL cached in the torch hub cache, not the Hugging
+    Face hub); they expect ``normalize: inception`` ([-1, 1] pixels, as Keras preprocess_input).
+    """
+    backbone = _timm_backbone("xception", "legacy_xception.tf_in1k",
+                              cfg["pretrained"] == "imagenet")
+    blocks = [("conv1", "bn1"), ("conv2", "bn2")]
+    blocks += [(f"block{i}",) for i in range(1, 13)]
+    blocks += [("conv3", "bn3"), ("conv4", "bn4")]
+    return ImageClassifier(backbone, _head(cfg, backbone.num_features, num_classes),
+                           arch="xception", normalize=cfg["normalize"], blocks=blocks,
+                           gradcam_layer="act4")
+
+
+@_register("timm inception_v3.tf_in1k", normalize="inception", head=_GENERIC_HEAD)
+def inception_v3(cfg: dict, num_classes: int) -> ImageClassifier:
+    """Inception v3 (Szegedy et al. 2016) features up to Mixed_7c + head; no auxiliary head.
+
+    ``pretrained: imagenet`` loads ``inception_v3.tf_in1k`` (Hugging Face
+    timm/inception_v3.tf_in1k): the TensorFlow-trained weights, the origin of Keras'
+    InceptionV3 weights, which expect ``normalize: inception``. Inputs of at least 75 px; the
+    map is 5x5 at 224 px (8x8 at the native 299 px).
+    """
+    backbone = _timm_backbone("inception_v3", "inception_v3.tf_in1k",
+                              cfg["pretrained"] == "imagenet")
+    return ImageClassifier(backbone, _head(cfg, backbone.num_features, num_classes),
+                           arch="inception_v3", normalize=cfg["normalize"],
+                           blocks=_param_blocks(backbone), gradcam_layer="Mixed_7c")
+
+
+@_register("timm densenet121.ra_in1k", head=_GENERIC_HEAD)
+def densenet121(cfg: dict, num_classes: int) -> ImageClassifier:
+    """DenseNet-121 features (incl. the final BatchNorm + ReLU, ``features.norm5``) + head.
+
+    ``pretrained: imagenet`` loads ``densenet121.ra_in1k`` (Hugging Face timm/densenet121.ra_in1k,
+    timm's RandAugment recipe, ImageNet mean/std); ``densenet121.tv_in1k`` (torchvision's) is the
+    other tag. Blocks: the stem, each of the 58 dense layers, the 3 transitions; ``norm5`` goes
+    with the last dense layer.
+    """
+    backbone = _timm_backbone("densenet121", "densenet121.ra_in1k",
+                              cfg["pretrained"] == "imagenet")
+    blocks = [("features.conv0", "features.norm0")]
+    for name, child in backbone.features.named_children():
+        if name.startswith("denseblock"):
+            blocks += _blocks_of(f"features.{name}", child)
+        elif name.startswith("transition"):
+            blocks.append((f"features.{name}",))
+    blocks[-1] += ("features.norm5",)
+    return ImageClassifier(backbone, _head(cfg, backbone.num_features, num_classes),
+                           arch="densenet121", normalize=cfg["normalize"], blocks=blocks,
+                           gradcam_layer="features.norm5")
+
+
+def _vgg(arch: str, timm_name: str, cfg: dict, num_classes: int) -> ImageClassifier:
+    """A VGG convolutional base (``features``, ending with the 5th max-pool: 7x7x512 at 224 px,
+    as Keras' ``include_top=False``) + head; blocks = the conv layers, Grad-CAM on the last ReLU.
+    timm's 4096-wide ``pre_logits`` (fc6/fc7 as convs) is dropped, as in Keras' convolutional
+    base."""
+    vgg = _timm_backbone(arch, timm_name, cfg["pretrained"] == "imagenet")
+    backbone = vgg.features
+    blocks = [(name,) for name, child in backbone.named_children() if isinstance(child, nn.Conv2d)]
+    relus = [name for name, child in backbone.named_children() if isinstance(child, nn.ReLU)]
+    return ImageClassifier(backbone, _head(cfg, 512, num_classes), arch=arch,
+                           normalize=cfg["normalize"], blocks=blocks, gradcam_layer=relus[-1])
+
+
+@_register("timm vgg16.tv_in1k (convolutional base)", head=_GENERIC_HEAD)
+def vgg16(cfg: dict, num_classes: int) -> ImageClassifier:
+    """VGG16 convolutional base (13 convs) + head; ``pretrained: imagenet`` loads
+    ``vgg16.tv_in1k`` (torchvision's weights, Hugging Face timm/vgg16.tv_in1k). Same backbone as
+    pocovidnet, with this registry's generic head and no freeze by default."""
+    return _vgg("vgg16", "vgg16.tv_in1k", cfg, num_classes)
+
+
+@_register("timm vgg19.tv_in1k (convolutional base)", head=_GENERIC_HEAD)
+def vgg19(cfg: dict, num_classes: int) -> ImageClassifier:
+    """VGG19 convolutional base (16 convs) + head; ``pretrained: imagenet`` loads
+    ``vgg19.tv_in1k`` (torchvision's weights, Hugging Face timm/vgg19.tv_in1k)."""
+    return _vgg("vgg19", "vgg19.tv_in1k", cfg, num_classes)
+
+
+@_register("timm resnet18.a1_in1k", head=_GENERIC_HEAD, stem="imagenet")
+def resnet18(cfg: dict, num_classes: int) -> ImageClassifier:
+    """ResNet-18 features (stem + 8 basic blocks) + head (global pool + linear by default).
+
+    ``stem: imagenet`` is the standard 7x7/2 conv + 3x3/2 max-pool (MedMNIST's "ResNet-18 (224)"
+    row; ``pretrained: imagenet`` loads ``resnet18.a1_in1k``, Hugging Face
+    timm/resnet18.a1_in1k, timm's A1 recipe). ``stem: cifar`` is MedMNIST's 28 px ResNet-18:
+    conv1 3x3 stride 1 without bias and no max-pool, so a 28 px input keeps a 4x4 map at layer4
+    (stride 8 instead of 32). MedMNIST feeds 1-channel images; this pipeline's input is RGB, so
+    conv1 has 3 input channels (1,152 parameters more than MedMNIST's grey model).
+    """
+    _check_choice("model.stem", cfg["stem"], STEM_CHOICES)
+    pretrained = cfg["pretrained"] == "imagenet"
+    if pretrained and cfg["stem"] == "cifar":
+        raise ValueError("model.stem=cifar replaces conv1 (3x3 stride 1), which the ImageNet "
+                         "weights do not fit: use model.stem=imagenet with pretrained=imagenet, "
+                         "or pretrained=none (MedMNIST trains the 28 px ResNet from scratch)")
+    backbone = _timm_backbone("resnet18", "resnet18.a1_in1k", pretrained)
+    if cfg["stem"] == "cifar":
+        backbone.conv1 = nn.Conv2d(3, 64, kernel_size=3, stride=1, padding=1, bias=False)
+        # timm ResNet's own conv init, so the stem starts like the rest of the network
+        nn.init.kaiming_normal_(backbone.conv1.weight, mode="fan_out", nonlinearity="relu")
+        backbone.maxpool = nn.Identity()
+    blocks = [("conv1", "bn1")]
+    for stage in ("layer1", "layer2", "layer3", "layer4"):
+        blocks += _blocks_of(stage, getattr(backbone, stage))
+    return ImageClassifier(backbone, _head(cfg, backbone.num_features, num_classes),
+                           arch="resnet18", normalize=cfg["normalize"], blocks=blocks,
+                           gradcam_layer="layer4")
+
+
 def _capsule_network(arch: str, cfg: dict, num_classes: int) -> CapsuleClassifier:
     if cfg["pretrained"] == "imagenet":
         raise ValueError(f"model.pretrained=imagenet: no ImageNet weights exist for {arch} (a "
                          f"capsule network trained from scratch); use none or a local weights file")
+    if cfg["head"]["kind"] != "pool_mlp":
+        raise ValueError(f"model.head.kind={cfg['head']['kind']!r}: {arch} has no such head (its "
+                         f"head is the class capsule layer; the head group is unused)")
     channels, capsules = cfg["channels"], cfg["capsules"]
     if len(channels) != 4 or any(len(c) != 2 for c in capsules):
         raise ValueError(f"model.channels must list 4 conv widths and model.capsules [number, "
@@ -506,12 +725,20 @@ def resolve_model_config(model_cfg: Mapping) -> dict[str, Any]:
         cfg["pretrained"] = "none"
     cfg["pretrained"] = str(cfg["pretrained"])
     _check_choice("model.normalize", cfg["normalize"], NORMALIZE_CHOICES)
+    _check_choice("model.head.kind", cfg["head"]["kind"], HEAD_KINDS)
     _check_choice("model.head.activation", cfg["head"]["activation"], ACTIVATION_CHOICES)
     _check_choice("model.freeze.policy", cfg["freeze"]["policy"], FREEZE_POLICIES)
     head = cfg["head"]
     if int(head["hidden"]) < 1 or int(head["pool"]) < 1 or not 0 <= float(head["dropout"]) < 1:
         raise ValueError(f"model.head needs hidden >= 1, pool >= 1 and 0 <= dropout < 1; "
                          f"got {head}")
+    fm = head["feature_map"]
+    if fm is not None and (isinstance(fm, bool) or not isinstance(fm, int) or fm < 1):
+        raise ValueError(f"model.head.feature_map must be null or an integer >= 1; got {fm!r}")
+    if head["kind"] == "flatten" and fm is None:
+        raise ValueError("model.head.kind=flatten needs model.head.feature_map: the side of the "
+                         "backbone's output map at train.image_size (7 at 224 px for the "
+                         "stride-32 backbones, 5 for inception_v3)")
     if int(cfg["freeze"]["n"]) < 0:
         raise ValueError(f"model.freeze.n must be >= 0; got {cfg['freeze']['n']}")
     return cfg

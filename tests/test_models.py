@@ -18,6 +18,8 @@ CONF_MODEL = Path(__file__).resolve().parents[1] / "conf" / "model"
 SCHEMA_KEYS = {"arch", "pretrained", "normalize", "head", "freeze"}
 NUM_CLASSES = 3
 INPUT = (2, 3, 64, 64)
+# Architectures whose smallest input is above 64 px (Keras' InceptionV3 minimum is 75 px too).
+INPUT_SIZE = {"inception_v3": 75}
 
 # All parameters incl. frozen ones at 3 classes (Keras "trainable" counts; see REFERENCE.md).
 EXPECTED_PARAMS = {
@@ -28,9 +30,26 @@ EXPECTED_PARAMS = {
     "resnet50": 23_639_491,  # no published count: timm backbone 23,508,032 + head 131,459
     "covid_caps": 295_488,
     "covid_caps_scaled": 3_286_048,
+    # Generic timm entries, default gap_linear head (backbone + C*3+3):
+    "xception": 20_813_099,      # backbone 20,806,952 = Keras Xception (trainable)
+    "inception_v3": 21_791_715,  # backbone 21,785,568 = Keras 21,768,352 + 17,216 BN scales
+    "densenet121": 6_956_931,    # backbone 6,953,856 = Keras DenseNet121 (trainable)
+    "vgg16": 14_716_227,         # backbone 14,714,688 = Keras VGG16 notop
+    "vgg19": 20_025_923,         # backbone 20,024,384 = Keras VGG19 notop
+    "resnet18": 11_178_051,      # backbone 11,176,512 (torchvision/timm resnet18)
 }
+# Backbones alone (independent of the head); the Keras figures above where they exist.
+EXPECTED_BACKBONE = {"xception": 20_806_952, "inception_v3": 21_785_568,
+                     "densenet121": 6_953_856, "vgg16": 14_714_688, "vgg19": 20_024_384,
+                     "resnet18": 11_176_512, "resnet50": 23_508_032}
 # Trainable under each conf file's freeze policy, where it differs from the total.
 EXPECTED_TRAINABLE = {"pocovidnet": 2_392_963}  # block5_conv3 + head (published)
+
+
+def _input(arch: str) -> tuple[int, int, int, int]:
+    """A small batch shape the architecture accepts."""
+    size = INPUT_SIZE.get(arch, INPUT[-1])
+    return (INPUT[0], 3, size, size)
 
 
 def model_cfg(arch: str):
@@ -70,7 +89,8 @@ def test_every_registered_model_has_a_conf_file_equal_to_its_defaults():
     for arch in list_models():
         cfg = OmegaConf.to_container(model_cfg(arch))
         assert SCHEMA_KEYS <= set(cfg), arch
-        assert set(cfg["head"]) == {"hidden", "activation", "dropout", "pool"}, arch
+        assert set(cfg["head"]) == {"kind", "hidden", "activation", "dropout", "pool",
+                                    "feature_map"}, arch
         assert set(cfg["freeze"]) == {"policy", "n", "layers"}, arch
         assert cfg == default_model_config(arch), f"conf/model/{arch}.yaml drifted from the code"
         assert cfg["pretrained"] == "none"  # offline machine: no download by default
@@ -90,8 +110,9 @@ def test_scaled_caps_is_within_5_percent_of_mini_covidnet():
     assert abs(ratio - 1) < 0.05
 
 
-def test_resnet50_backbone_count():
-    assert count_parameters(_cached("resnet50").backbone) == 23_508_032
+@pytest.mark.parametrize("arch", sorted(EXPECTED_BACKBONE))
+def test_backbone_count(arch):
+    assert count_parameters(_cached(arch).backbone) == EXPECTED_BACKBONE[arch]
 
 
 # ------------------------------------------------------------------------------ forward/backward
@@ -99,7 +120,7 @@ def test_resnet50_backbone_count():
 def test_forward_shape(default_model):
     default_model.eval()
     with torch.no_grad():
-        out = default_model(torch.rand(*INPUT))
+        out = default_model(torch.rand(*_input(default_model.arch)))
     assert out.shape == (INPUT[0], NUM_CLASSES)
     assert torch.isfinite(out).all()
 
@@ -107,7 +128,7 @@ def test_forward_shape(default_model):
 @pytest.mark.parametrize("default_model", list_models(), indirect=True)
 def test_backward_reaches_exactly_the_trainable_parameters(default_model):
     torch.manual_seed(0)
-    out = default_model(torch.rand(*INPUT))
+    out = default_model(torch.rand(*_input(default_model.arch)))
     torch.nn.functional.cross_entropy(out, torch.tensor([0, 2])).backward()
     for name, param in default_model.named_parameters():
         if param.requires_grad:
@@ -140,7 +161,7 @@ def test_gradcam_target_layer_outputs_a_feature_map(default_model):
     try:
         default_model.eval()
         with torch.no_grad():
-            default_model(torch.rand(*INPUT))
+            default_model(torch.rand(*_input(default_model.arch)))
     finally:
         handle.remove()
     assert len(seen) == 1 and len(seen[0]) == 4 and seen[0][-1] >= 1
@@ -338,3 +359,109 @@ def test_describe_init(tmp_path):
             == "file: w.pt")
     with pytest.raises(ValueError, match="no ImageNet weights"):
         describe_init({"arch": "covid_caps", "pretrained": "imagenet"})
+
+
+# ------------------------------------------------------------------------------ heads
+def _flatten_cfg(arch: str, feature_map: int, **extra) -> dict:
+    return {"arch": arch, "head": {"kind": "flatten", "feature_map": feature_map, "dropout": 0.0},
+            **extra}
+
+
+def test_existing_models_keep_the_pooled_mlp_head():
+    for arch in ("mini_covidnet", "mobilenet_v2", "nasnet_mobile", "pocovidnet", "resnet50"):
+        assert default_model_config(arch)["head"]["kind"] == "pool_mlp", arch
+    assert isinstance(_cached("mini_covidnet").head, models.PoolHead)
+
+
+def test_flatten_head_is_study_002s_dense_layer_on_the_whole_map():
+    # Study 002's MobileNetV2 at 224 px: Dense(2) on 7x7x1280 = 125,442 trainable parameters;
+    # at 64 px the map is 2x2, so Dense(2) on 2x2x1280.
+    model = build_model(_flatten_cfg("mobilenet_v2", 2, freeze={"policy": "head_only"}), 2)
+    assert count_parameters(model, trainable_only=True) == 1280 * 2 * 2 * 2 + 2
+    assert count_parameters(model) == 2_223_872 + 1280 * 2 * 2 * 2 + 2
+    big = build_model(_flatten_cfg("mobilenet_v2", 7), 2)
+    assert count_parameters(big.head) == 125_442
+    # backward: only the head trains, and every head parameter gets a gradient
+    torch.manual_seed(0)
+    out = model(torch.rand(2, 3, 64, 64))
+    assert out.shape == (2, 2)
+    torch.nn.functional.cross_entropy(out, torch.tensor([0, 1])).backward()
+    for name, param in model.named_parameters():
+        assert (param.grad is not None) == name.startswith("head."), name
+        if param.grad is not None:
+            assert torch.isfinite(param.grad).all() and param.grad.abs().sum() > 0, name
+
+
+def test_flatten_head_rejects_another_feature_map_naming_the_image_size():
+    head = models.FlattenHead(1280, 2, feature_map=2, dropout=0.0)
+    assert head(torch.rand(2, 1280, 2, 2)).shape == (2, 2)
+    with pytest.raises(ValueError, match=r"built for a 2x2 feature map.*gave 3x3.*"
+                                         r"train\.image_size"):
+        head(torch.rand(2, 1280, 3, 3))  # a 96 px input on a stride-32 backbone
+
+
+def test_flatten_head_needs_a_feature_map():
+    with pytest.raises(ValueError, match="kind=flatten needs model.head.feature_map"):
+        build_model({"arch": "resnet18", "head": {"kind": "flatten"}}, 2)
+    with pytest.raises(ValueError, match="feature_map must be null or an integer >= 1"):
+        build_model(_flatten_cfg("resnet18", 0), 2)
+    with pytest.raises(ValueError, match=r"model.head.kind='mlp'.*pool_mlp, flatten, gap_linear"):
+        build_model({"arch": "resnet18", "head": {"kind": "mlp"}}, 2)
+    with pytest.raises(ValueError, match="covid_caps has no such head"):
+        build_model({"arch": "covid_caps", "head": {"kind": "gap_linear"}}, 2)
+
+
+def test_gap_linear_head_works_at_any_size():
+    head = models.GapLinearHead(8, 3, dropout=0.0)
+    x = torch.rand(2, 8, 5, 3)
+    torch.testing.assert_close(head(x), head.fc(x.mean((2, 3))))
+    assert count_parameters(head) == 8 * 3 + 3
+
+
+# ------------------------------------------------------------------------------ generic entries
+def test_resnet18_cifar_stem_is_medmnists_28px_resnet():
+    torch.manual_seed(0)
+    model = build_model({"arch": "resnet18", "stem": "cifar"}, 2)
+    # 3x3 conv1 (1,728) instead of 7x7 (9,408); + Linear(512, 2)
+    assert count_parameters(model) == 11_169_858
+    conv1 = model.backbone.conv1
+    assert (conv1.kernel_size, conv1.stride, conv1.bias) == ((3, 3), (1, 1), None)
+    assert isinstance(model.backbone.maxpool, torch.nn.Identity)
+    model.eval()
+    with torch.no_grad():
+        assert model.backbone(torch.rand(2, 3, 28, 28)).shape == (2, 512, 4, 4)  # stride 8
+        assert model(torch.rand(2, 3, 28, 28)).shape == (2, 2)
+
+
+def test_resnet18_stem_errors():
+    with pytest.raises(ValueError, match="model.stem='tiny'.*imagenet, cifar"):
+        build_model({"arch": "resnet18", "stem": "tiny"}, 2)
+    with pytest.raises(ValueError, match="stem=cifar.*ImageNet weights do not fit"):
+        build_model({"arch": "resnet18", "stem": "cifar", "pretrained": "imagenet"}, 2)
+
+
+def test_gradcam_layers_of_the_generic_entries():
+    assert gradcam_target_layer(_cached("vgg16")) is _cached("vgg16").backbone[29]  # last ReLU
+    assert gradcam_target_layer(_cached("vgg19")) is _cached("vgg19").backbone[35]
+    assert _cached("densenet121").gradcam_layer == "backbone.features.norm5"
+    assert _cached("xception").gradcam_layer == "backbone.act4"
+    assert _cached("inception_v3").gradcam_layer == "backbone.Mixed_7c"
+    assert len(_cached("densenet121").blocks) == 62  # stem + 58 dense layers + 3 transitions
+
+
+def test_inception_normalisation():
+    model = _cached("xception")
+    assert default_model_config("inception_v3")["normalize"] == "inception"
+    torch.testing.assert_close(model.normalize(torch.tensor([0.0, 0.5, 1.0]).view(1, 3, 1, 1)),
+                               torch.tensor([-1.0, 0.0, 1.0]).view(1, 3, 1, 1))
+
+
+def test_describe_init_of_the_generic_entries():
+    expected = {"xception": "timm legacy_xception.tf_in1k",
+                "inception_v3": "timm inception_v3.tf_in1k",
+                "densenet121": "timm densenet121.ra_in1k",
+                "vgg16": "timm vgg16.tv_in1k (convolutional base)",
+                "vgg19": "timm vgg19.tv_in1k (convolutional base)",
+                "resnet18": "timm resnet18.a1_in1k"}
+    for arch, source in expected.items():
+        assert describe_init({"arch": arch, "pretrained": "imagenet"}) == f"imagenet ({source})"
