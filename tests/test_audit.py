@@ -195,3 +195,28 @@ def test_cli_writes_report_and_exit_status(dataset, tmp_path, monkeypatch):
     assert main(["--out", "leak.json", "--near-duplicate-threshold", "-1"]) == 1
     report = json.loads(Path("leak.json").read_text())
     assert not report["ok"] and "near_duplicates" not in report["warnings"]
+
+
+def test_overlap_in_a_published_fixed_split_is_reported_not_fatal(dataset, tmp_path, monkeypatch):
+    """MedMNIST's official split holds byte-identical images in train and val: a fixed split is
+    the dataset's own, so the audit lists the overlap and passes; our own folds still fail."""
+    manifest, splits, frames_dir = dataset
+    shutil.copyfile(frames_dir / frame_name(source_of("p0"), 0),
+                    frames_dir / frame_name(source_of("p4"), 0))  # p0 test, p4 val in fold 0
+    monkeypatch.chdir(tmp_path)
+    params = yaml.safe_load((PROJECT_ROOT / "params.yaml").read_text())
+    params["dataset"]["frames_dir"] = "frames"
+    params["folds"].update(dir="folds", method="fixed")
+    Path("params.yaml").write_text(yaml.safe_dump(params))
+    Path("folds").mkdir()
+    manifest.to_csv("frames/manifest.csv", index=False)
+    splits.to_csv("folds/splits.csv", index=False)
+    assert main(["--near-duplicate-threshold", "-1"]) == 0
+    report = json.loads(Path("reports/audit.json").read_text())
+    assert report["ok"] and not report["leaks"]
+    # p0 is tested in fold 0 and trained on in fold 1; p4 validates in both
+    assert {(o["fold"], o["kind"]) for o in report["official_split_overlaps"]} == {
+        (0, "identical_frame"), (1, "identical_frame")}
+    params["folds"]["method"] = "stratified_group_kfold"
+    Path("params.yaml").write_text(yaml.safe_dump(params))
+    assert main(["--near-duplicate-threshold", "-1"]) == 1
