@@ -1,0 +1,157 @@
+"""The grid on a real Ray cluster of two worker nodes on this machine: every (cell, fold) task
+trains on a worker (the head has no CPU for them), the folds come back into ``models/<cell>/``
+with the cell's summary, every task's MLflow runs reach the one store, and ``dvc commit`` of the
+real ``train`` stage makes a later ``dvc repro`` rerun nothing.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pandas as pd
+import pytest
+import yaml
+
+from tests.conftest import PROJECT_ROOT
+from tests.test_resume import make_tiny_project
+
+pytestmark = pytest.mark.slow
+
+CELLS = ["mini_covidnet-ce", "mini_covidnet-focal"]
+FOLDS = [0, 1]
+OBJECT_STORE_BYTES = 80 * 1024**2  # the minimum Ray accepts; the tasks pass only small records
+FOLD_FILES = {"best.pt", "history.csv", "test_predictions.csv", "metrics.json"}
+
+
+@pytest.fixture(scope="module")
+def ray_cluster():
+    """A head (no CPUs, so no task runs there) and two 1-CPU worker nodes, all on 127.0.0.1.
+
+    Yields the cluster's address and the worker nodes' ids.
+    """
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("RAY_DISABLE_USAGE_STATS", "1")
+        # Ray swaps 127.0.0.1 for the machine's network address when it connects; this keeps
+        # every node and the driver on the loopback (read when ray is imported, so set before).
+        mp.setenv("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
+        pytest.importorskip("ray")
+        import ray
+        from ray.cluster_utils import Cluster
+
+        node = {"object_store_memory": OBJECT_STORE_BYTES, "node_ip_address": "127.0.0.1"}
+        cluster = Cluster(initialize_head=True, shutdown_at_exit=True,
+                          head_node_args={"num_cpus": 0, "include_dashboard": False, **node})
+        try:
+            workers = [cluster.add_node(num_cpus=1, **node) for _ in range(2)]
+            cluster.wait_for_nodes()
+            yield cluster.address, {w.node_id for w in workers}
+        finally:
+            ray.shutdown()
+            cluster.shutdown()
+
+
+def _dvc(cwd: Path, *args: str) -> str:
+    dvc = shutil.which("dvc", path=str(Path(sys.executable).parent)) or "dvc"
+    proc = subprocess.run([dvc, *args], cwd=cwd, capture_output=True, text=True, timeout=180,
+                          env={**os.environ, "DVC_NO_ANALYTICS": "1"})
+    assert proc.returncode == 0, f"dvc {' '.join(args)}:\n{proc.stdout}\n{proc.stderr}"
+    return proc.stdout
+
+
+def _tiny_dvc_project(root: Path) -> Path:
+    """``make_tiny_project`` (1 epoch, 32 px, 2 folds) with the grid narrowed to two cells, the
+    code the train stage depends on, and the real ``train`` stage of ``dvc.yaml``."""
+    store = root / "mlruns" / "mlflow.db"
+    params = make_tiny_project(root, epochs=1, folds=tuple(FOLDS),
+                               tracking_uri=f"sqlite:///{store}")
+    params["grid"] = {"models": ["mini_covidnet"], "losses": ["ce", "focal"]}
+    (root / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+    shutil.copytree(PROJECT_ROOT / "pipeline", root / "pipeline",
+                    ignore=shutil.ignore_patterns("__pycache__"))
+    stage = yaml.safe_load((PROJECT_ROOT / "dvc.yaml").read_text())["stages"]["train"]
+    (root / "dvc.yaml").write_text(yaml.safe_dump({"stages": {"train": stage}}, sort_keys=False))
+    _dvc(root, "init", "--no-scm", "-q")
+    return store
+
+
+def test_grid_on_two_ray_nodes_then_dvc_commit(tmp_path, ray_cluster):
+    from pipeline.grid import run_grid
+
+    address, worker_ids = ray_cluster
+    project = tmp_path / "project"
+    store = _tiny_dvc_project(project)
+
+    records = run_grid(project, address=address, cpus_per_task=1)
+
+    assert all(r["ok"] for r in records), [r.get("log_tail") for r in records if not r["ok"]]
+    assert sorted((r["task"].cell, r["task"].fold) for r in records) == \
+           sorted((c, k) for c in CELLS for k in FOLDS)
+    # Every task ran on a worker, and both workers got tasks.
+    assert {r["node_id"] for r in records} == worker_ids
+
+    for cell in CELLS:
+        d = project / "models" / cell
+        files = {str(p.relative_to(d)) for p in d.rglob("*") if p.is_file()}
+        # What the DVC train stage writes, and nothing else.
+        assert files == {f"fold_{k}/{f}" for k in FOLDS for f in FOLD_FILES} | \
+                        {"predictions.csv", "metrics.json", "run.json"}
+        preds = pd.read_csv(d / "predictions.csv")
+        assert sorted(preds["fold"].unique()) == FOLDS
+        assert 0.0 <= json.loads((d / "metrics.json").read_text())["accuracy"] <= 1.0
+        info = json.loads((d / "run.json").read_text())
+        assert info["folds"] == FOLDS and info["mlflow"]["enabled"]
+        assert {g["node_id"] for g in info["grid"].values()} <= worker_ids
+    assert not list((project / ".cache" / "grid").glob("*/fold_*/"))  # staging cleaned up
+
+    # Every task's runs arrived in the one store: a parent per (cell, fold) task with its fold.
+    import mlflow
+
+    client = mlflow.MlflowClient(f"sqlite:///{store}")
+    runs = client.search_runs([client.get_experiment_by_name("lus_convex").experiment_id])
+    parents = {r.info.run_id: r for r in runs if "mlflow.parentRunId" not in r.data.tags}
+    children = [r for r in runs if "mlflow.parentRunId" in r.data.tags]
+    assert sorted(f"{r.data.tags['model']}-{r.data.tags['loss']}" for r in parents.values()) == \
+           sorted(CELLS * len(FOLDS))
+    assert sorted((parents[c.data.tags["mlflow.parentRunId"]].info.run_name, c.data.tags["fold"])
+                  for c in children) == sorted((c, str(k)) for c in CELLS for k in FOLDS)
+    assert all("test.accuracy" in c.data.metrics for c in children)
+
+    # DVC: the grid's outputs are not yet recorded; `dvc commit` records them with the current
+    # deps and params, after which the stage is up to date and `dvc repro` trains nothing.
+    stages = [f"train@{c}" for c in CELLS]
+    assert set(json.loads(_dvc(project, "status", "--json"))) == set(stages)
+    _dvc(project, "commit", "-f", *stages)
+    assert json.loads(_dvc(project, "status", "--json")) == {}
+    before = (project / "models" / CELLS[0] / "fold_0" / "best.pt").stat().st_mtime_ns
+    out = _dvc(project, "repro")
+    assert "Running stage" not in out, out
+    assert (project / "models" / CELLS[0] / "fold_0" / "best.pt").stat().st_mtime_ns == before
+
+
+def test_failed_task_is_reported_and_fails_the_command(tmp_path, ray_cluster, caplog):
+    """One cell's training fails: the other still finishes and is summarized, the failure is
+    logged with its log tail, and the command exits non-zero."""
+    from pipeline.grid import main
+
+    address, _ = ray_cluster
+    project = tmp_path / "project"
+    params = make_tiny_project(project, epochs=1, folds=(0,),
+                               tracking_uri=f"sqlite:///{project / 'mlruns' / 'mlflow.db'}")
+    params["grid"] = {"models": ["mini_covidnet"], "losses": ["ce", "focal"]}
+    params["losses"]["focal"]["name"] = "no_such_loss"  # fails in the task, not before
+    (project / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+
+    with pytest.raises(SystemExit) as exit_info:
+        main(["--address", address, "--project-dir", str(project)])
+    assert exit_info.value.code not in (0, None)
+    assert "mini_covidnet-focal fold 0" in str(exit_info.value.code)
+    failure = next(r for r in caplog.records if "FAILED" in r.getMessage())
+    assert "mini_covidnet-focal fold 0" in failure.getMessage()
+    assert "no_such_loss" in failure.getMessage()  # the training's own error, from its log
+    assert (project / "models" / "mini_covidnet-ce" / "metrics.json").is_file()
+    assert not (project / "models" / "mini_covidnet-focal").exists()
