@@ -70,7 +70,7 @@ def main() -> None:
         p = compose(["experiment=paper", f"grid.models=[{','.join(models)}]"])
         (work / "params.yaml").write_text(yaml.safe_dump(p, sort_keys=False))
         shutil.copytree(ROOT / "data" / "folds", work / "data" / "folds")
-        shutil.copy(ROOT / "data" / "published.yaml", work / "data" / "published.yaml")
+        shutil.copytree(ROOT / "data" / "published", work / "data" / "published")
         shutil.copy(ROOT / p["dataset"]["checksums"], work / p["dataset"]["checksums"])
         # DVC_ROOT: the provenance line names this checkout's code revision.
         env = {**os.environ, "PYTHONPATH": str(ROOT), "DVC_ROOT": str(ROOT)}
