@@ -32,12 +32,13 @@ def compose(overrides: Sequence[str] = (), conf_dir: str | Path = CONF_DIR) -> d
     """
     from hydra import compose as hydra_compose
     from hydra import initialize_config_dir
-    from hydra.errors import ConfigCompositionException, MissingConfigException
+    from hydra.errors import (ConfigCompositionException, MissingConfigException,
+                              OverrideParseException)
 
     try:
         with initialize_config_dir(config_dir=str(Path(conf_dir).resolve()), version_base=None):
             cfg = hydra_compose(config_name="config", overrides=list(overrides))
-    except (ConfigCompositionException, MissingConfigException) as exc:
+    except (ConfigCompositionException, MissingConfigException, OverrideParseException) as exc:
         raise ConfigError(f"cannot compose {conf_dir} with overrides {list(overrides)}: "
                           f"{exc}{_group_choices(exc, conf_dir)}") from exc
     return OmegaConf.to_container(cfg, resolve=True)  # type: ignore[return-value]

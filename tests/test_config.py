@@ -39,6 +39,13 @@ def test_unknown_group_option_lists_the_choices():
         compose(["experiment=papper"])
 
 
+def test_malformed_override_is_a_config_error():
+    with pytest.raises(ConfigError, match="train.epochs"):
+        compose(["train.epochs=[3"])
+    remote = "benchmark.remote={host: 'pi@raspberrypi.local', key: '~/.ssh/id_ed25519'}"
+    assert compose([remote])["benchmark"]["remote"]["host"] == "pi@raspberrypi.local"
+
+
 def test_unknown_key_is_an_error_with_the_valid_keys():
     params = compose([])
     with pytest.raises(ConfigError, match="'tran' is not under <top level>.*train"):
