@@ -40,7 +40,9 @@ def write_cxr_folder(folder: Path, n_patients: int = 12, seed: int = 0) -> None:
     (folder / "metadata.csv").write_text("\n".join(lines) + "\n")
 
 
-def test_new_user_runs_study_001_on_their_folder(tmp_path):
+def project_with_data(tmp_path: Path, name: str, write) -> tuple[Path, Path]:
+    """A git copy of the project with the user's data in data/external/<name>, pinned as the
+    README says."""
     proj = tmp_path / "project"
     files = subprocess.run(["git", "ls-files"], cwd=ROOT, capture_output=True, text=True,
                            check=True).stdout.split()
@@ -48,23 +50,32 @@ def test_new_user_runs_study_001_on_their_folder(tmp_path):
         if (ROOT / f).is_file():
             (proj / f).parent.mkdir(parents=True, exist_ok=True)
             (proj / f).write_bytes((ROOT / f).read_bytes())
-    data = proj / "data" / "external" / "cxr_covid"
-    write_cxr_folder(data)
+    data = proj / "data" / "external" / name
+    write(data)
     sums = run([sys.executable, "-m", "pipeline.fetch_data", "--write-checksums", str(data)], proj)
-    (proj / "data" / "external" / "cxr_covid.sha256").write_text(sums)
+    (proj / "data" / "external" / f"{name}.sha256").write_text(sums)
     run(["git", "init", "-q"], proj)
     run(["git", "add", "-A"], proj)
     run(["git", "-c", "user.email=t@localhost", "-c", "user.name=t", "commit", "-qm", "init"], proj)
+    return proj, data
+
+
+def exp_run(proj: Path, name: str, overrides: list[str]) -> None:
+    args = ["dvc", "exp", "run", "-n", name]
+    for o in overrides:
+        args += ["-S", o]
+    run(args, proj, timeout=1500)
+
+
+def test_new_user_runs_study_001_on_their_folder(tmp_path):
+    proj, data = project_with_data(tmp_path, "cxr_covid", write_cxr_folder)
     overrides = ["experiment=cxr_covid_resnet50", "folds.k=3", "train.folds=[0,1,2]",
                  "folds.val_fraction=0.34", "train.image_size=32", "train.epochs=1",
                  "train.batch_size=8", "models.resnet50.pretrained=none",
                  "models.resnet50.freeze.policy=all", "export.formats=[onnx]",
                  "benchmark.formats=[onnx]", "benchmark.runs=5", "benchmark.warmup=1",
                  "binary.tsne=false", "evaluate.bootstrap=50"]
-    args = ["dvc", "exp", "run", "-n", "study001"]
-    for o in overrides:
-        args += ["-S", o]
-    run(args, proj, timeout=1500)
+    exp_run(proj, "study001", overrides)
 
     manifest = (proj / "data/frames/manifest.csv").read_text()
     assert manifest.count("\n") - 1 == len((data / "metadata.csv").read_text().splitlines()) - 1
@@ -86,3 +97,36 @@ def test_new_user_runs_study_001_on_their_folder(tmp_path):
     exp = client.get_experiment_by_name("cxr_covid")
     runs = client.search_runs([exp.experiment_id])
     assert len([r for r in runs if "mlflow.parentRunId" in r.data.tags]) == 3
+
+
+def write_folder_layout(folder: Path, seed: int = 1) -> None:
+    """Study 002's flow_from_directory layout: train/ val/ test/ x NORMAL/ PNEUMONIA/."""
+    rng = np.random.default_rng(seed)
+    for split, n in (("train", 10), ("val", 3), ("test", 4)):
+        for cls in ("NORMAL", "PNEUMONIA"):
+            (folder / split / cls).mkdir(parents=True)
+            for i in range(n):
+                img = rng.integers(30, 110, (40, 52)).astype(np.uint8) + (90 if cls == "PNEUMONIA" else 0)
+                prefix = f"person{i}_bacteria" if cls == "PNEUMONIA" else f"IM-{i:04d}-0001"
+                cv2.imwrite(str(folder / split / cls / f"{prefix}_{split}{i}.jpeg"), img)
+
+
+def test_new_user_runs_study_002_on_a_folder_layout(tmp_path):
+    proj, data = project_with_data(tmp_path, "chest_xray", write_folder_layout)
+    models = ["mobilenet_v2", "resnet50"]
+    overrides = ["experiment=cxr_pneumonia_mobilenetv2", f"grid.models=[{','.join(models)}]",
+                 "train.image_size=64", "train.epochs=1", "train.batch_size=8",
+                 "export.formats=[onnx]", "benchmark.formats=[onnx]", "benchmark.runs=5",
+                 "benchmark.warmup=1", "evaluate.bootstrap=50"]
+    for m in models:  # no ImageNet weights offline; the flatten head sees a 2x2 map at 64 px
+        overrides += [f"models.{m}.pretrained=none", f"models.{m}.head.feature_map=2"]
+    exp_run(proj, "study002", overrides)
+    import pandas as pd
+
+    splits = pd.read_csv(proj / "data/folds/splits.csv")
+    assert splits["split"].value_counts().to_dict() == {"train": 20, "test": 8, "val": 6}
+    assert (splits["source"].str.split("/").str[0] == splits["split"]).all()  # the folders' split
+    t7 = (proj / "reports/tables/table7_accuracy.csv").read_text()
+    assert all(f"{m}-ce" in t7 for m in models)  # the comparison table has every model
+    binary = json.loads((proj / "reports/binary_metrics.json").read_text())
+    assert set(binary) == {f"{m}-ce" for m in models}
