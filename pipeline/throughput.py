@@ -22,7 +22,7 @@ from pathlib import Path
 import torch
 
 from pipeline.config import apply_overrides, compose, get, load_params
-from pipeline.train import _to_input, pick_device, train_step
+from pipeline.train import pick_device, train_step
 
 log = logging.getLogger("pipeline.throughput")
 

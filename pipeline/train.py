@@ -27,7 +27,6 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import torch
-import torch.nn.functional as F
 
 from pipeline.checkpoint import save_checkpoint
 from pipeline.config import ConfigError, apply_overrides, get, load_params, select_run

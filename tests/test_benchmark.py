@@ -132,7 +132,6 @@ def test_main_writes_the_report(exported, tmp_path, monkeypatch):
     import pipeline.checkpoint
 
     model, out = exported
-    run_dir = tmp_path / "models" / "tiny-ce"
     shutil.copytree(out, tmp_path / "exports" / "tiny-ce" / "fold_0")
     monkeypatch.setattr(pipeline.checkpoint, "load_model",
                         lambda path: (model, {"image_size": SIZE, "classes": list("abc")}))
