@@ -7,7 +7,6 @@ report."""
 from __future__ import annotations
 
 import json
-import subprocess
 import sys
 from pathlib import Path
 
@@ -15,7 +14,7 @@ import cv2
 import numpy as np
 import pytest
 
-from tests.test_pipeline_e2e import ROOT, run
+from tests.test_pipeline_e2e import copy_project, run
 
 pytestmark = pytest.mark.slow
 
@@ -43,13 +42,7 @@ def write_cxr_folder(folder: Path, n_patients: int = 12, seed: int = 0) -> None:
 def project_with_data(tmp_path: Path, name: str, write) -> tuple[Path, Path]:
     """A git copy of the project with the user's data in data/external/<name>, pinned as the
     README says."""
-    proj = tmp_path / "project"
-    files = subprocess.run(["git", "ls-files"], cwd=ROOT, capture_output=True, text=True,
-                           check=True).stdout.split()
-    for f in files:
-        if (ROOT / f).is_file():
-            (proj / f).parent.mkdir(parents=True, exist_ok=True)
-            (proj / f).write_bytes((ROOT / f).read_bytes())
+    proj = copy_project(tmp_path / "project")
     data = proj / "data" / "external" / name
     write(data)
     sums = run([sys.executable, "-m", "pipeline.fetch_data", "--write-checksums", str(data)], proj)

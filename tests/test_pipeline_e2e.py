@@ -46,6 +46,17 @@ def run(cmd: list[str], cwd: Path, timeout: int = 600) -> str:
     return proc.stdout
 
 
+def copy_project(dest: Path) -> Path:
+    """The project's tracked files, as a fresh clone would have them."""
+    files = subprocess.run(["git", "ls-files"], cwd=ROOT, capture_output=True, text=True,
+                           check=True).stdout.split()
+    for f in files:
+        if (ROOT / f).is_file():
+            (dest / f).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy2(ROOT / f, dest / f)
+    return dest
+
+
 def edit_yaml(path: Path, **changes) -> None:
     data = yaml.safe_load(path.read_text())
     for dotted, value in changes.items():
@@ -71,13 +82,7 @@ def project(tmp_path_factory, request) -> Path:
         (data / rel).parent.mkdir(parents=True, exist_ok=True)
         shutil.copyfile(SHARED_LUS / rel, data / rel)
         lines.append(f"{hashlib.sha256((data / rel).read_bytes()).hexdigest()}  {rel}")
-    proj = base / "project"
-    files = subprocess.run(["git", "ls-files"], cwd=ROOT, capture_output=True, text=True,
-                           check=True).stdout.split()
-    for f in files:
-        if (ROOT / f).is_file():
-            (proj / f).parent.mkdir(parents=True, exist_ok=True)
-            shutil.copy2(ROOT / f, proj / f)
+    proj = copy_project(base / "project")
     (proj / "data" / "subset.sha256").write_text("\n".join(lines) + "\n")
     conf = proj / "conf"
     edit_yaml(conf / "dataset" / "lus_convex.yaml", sources=[str(data)],
