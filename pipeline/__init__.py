@@ -4,5 +4,3 @@ One module per DVC stage (``fetch_data``, ``extract_frames``, ``split_folds``, `
 ``evaluate``, ``export``, ``report``) plus a few shared modules (``config``, ``models``,
 ``losses``, ``metrics``, ``tracking``).
 """
-
-CLASSES_LUS = ("covid", "pneumonia", "healthy")

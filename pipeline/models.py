@@ -399,13 +399,19 @@ def _blocks_of(prefix: str, module: nn.Module) -> list[tuple[str]]:
     return [(f"{prefix}.{name}",) for name, _ in module.named_children()]
 
 
+def _mobilenet_blocks(backbone: nn.Module) -> list[tuple[str, ...]]:
+    """Stem, then every block of every stage of a timm MobileNet (v1 or v2)."""
+    blocks: list[tuple[str, ...]] = [("conv_stem", "bn1")]
+    for stage_name, stage in backbone.blocks.named_children():
+        blocks += _blocks_of(f"blocks.{stage_name}", stage)
+    return blocks
+
+
 @_register("timm mobilenetv1_100")
 def mini_covidnet(cfg: dict, num_classes: int) -> ImageClassifier:
     """Mini-COVIDNet: MobileNet v1 (width 1.0) features + the 128-unit PReLU head."""
     backbone = _timm_backbone("mini_covidnet", "mobilenetv1_100", cfg["pretrained"] == "imagenet")
-    blocks = [("conv_stem", "bn1")]
-    for stage_name, stage in backbone.blocks.named_children():
-        blocks += _blocks_of(f"blocks.{stage_name}", stage)
+    blocks = _mobilenet_blocks(backbone)
     return ImageClassifier(backbone, _head(cfg, backbone.num_features, num_classes),
                            arch="mini_covidnet", normalize=cfg["normalize"], blocks=blocks,
                            gradcam_layer="blocks.4")
@@ -415,10 +421,7 @@ def mini_covidnet(cfg: dict, num_classes: int) -> ImageClassifier:
 def mobilenet_v2(cfg: dict, num_classes: int) -> ImageClassifier:
     """MobileNetV2 (width 1.0) features incl. the 1x1 conv to 1280 + the 128-unit PReLU head."""
     backbone = _timm_backbone("mobilenet_v2", "mobilenetv2_100", cfg["pretrained"] == "imagenet")
-    blocks = [("conv_stem", "bn1")]
-    for stage_name, stage in backbone.blocks.named_children():
-        blocks += _blocks_of(f"blocks.{stage_name}", stage)
-    blocks.append(("conv_head", "bn2"))
+    blocks = _mobilenet_blocks(backbone) + [("conv_head", "bn2")]
     return ImageClassifier(backbone, _head(cfg, backbone.num_features, num_classes),
                            arch="mobilenet_v2", normalize=cfg["normalize"], blocks=blocks,
                            gradcam_layer="bn2")

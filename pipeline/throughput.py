@@ -91,18 +91,10 @@ def measure(params: Mapping, model_name: str, batch_size: int, source: str, step
 
 
 def device_info() -> dict:
-    info = {"torch": torch.__version__, "python": platform.python_version(),
-            "cpu": platform.processor() or platform.machine()}
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                info["cpu"] = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    import os
+    """The machine, as the latency benchmark describes it, plus torch and the GPU."""
+    from pipeline.edge_runner import device_info as host_info
 
-    info["cpu_cores"] = os.cpu_count()
+    info = {**host_info(), "torch": torch.__version__}
     if torch.cuda.is_available():
         info["gpu"] = torch.cuda.get_device_name(0)
     return info
@@ -115,7 +107,7 @@ def to_markdown(result: Mapping) -> str:
                     f"{r['random'] / r['real']:.2f} |")
     d = result["device"]
     head = (f"# Training throughput\n\nDevice: {d.get('gpu', 'no GPU')}; CPU {d['cpu']} "
-            f"({d['cpu_cores']} cores); torch {d['torch']}. Image size {result['image_size']} px, "
+            f"({d['cores']} cores); torch {d['torch']}. Image size {result['image_size']} px, "
             f"bf16 autocast and channels-last on CUDA. Real = `train_step` on frames of the "
             f"lung-ultrasound dataset held on the device, augmented per image; random = one "
             f"pre-made random batch, no augmentation.\n\n")
