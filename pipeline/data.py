@@ -27,6 +27,20 @@ log = logging.getLogger("pipeline.data")
 
 CACHE_DIR = Path(".cache/frames")
 
+# ``dataset.resize_interpolation``: how frames are brought to the square input size. ``area`` (the
+# default) averages when shrinking video frames; when enlarging, OpenCV's area resize repeats
+# pixels at integer factors (as ``nearest``) and blends them otherwise. MedMNIST's 224 px rows
+# enlarged its 28 px images with nearest neighbour.
+INTERPOLATIONS = {"area": cv2.INTER_AREA, "nearest": cv2.INTER_NEAREST, "linear": cv2.INTER_LINEAR}
+
+
+def resize_square(img: np.ndarray, image_size: int, interpolation: str = "area") -> np.ndarray:
+    """``img`` resized to ``image_size`` x ``image_size`` (aspect ratio not kept, as the study)."""
+    if interpolation not in INTERPOLATIONS:
+        raise ValueError(f"dataset.resize_interpolation={interpolation!r}: use one of "
+                         f"{', '.join(INTERPOLATIONS)}")
+    return cv2.resize(img, (image_size, image_size), interpolation=INTERPOLATIONS[interpolation])
+
 
 def used_frames(frames_dir: str | Path) -> pd.DataFrame:
     """The manifest's frame rows (status ``used``)."""
@@ -57,21 +71,22 @@ def fold_frames(frames: pd.DataFrame, splits: pd.DataFrame, fold: int, split: st
     return frames[frames["source"].isin(set(part["source"]))]
 
 
-def decode_frames(paths: Sequence[str | Path], image_size: int) -> np.ndarray:
-    """Read frame images into an ``N x 3 x S x S`` uint8 RGB array (resized, as the study, to a
-    square without keeping the aspect ratio)."""
+def decode_frames(paths: Sequence[str | Path], image_size: int,
+                  interpolation: str = "area") -> np.ndarray:
+    """Read frame images into an ``N x 3 x S x S`` uint8 RGB array (``resize_square``)."""
+    resize_square(np.zeros((1, 1, 3), np.uint8), 1, interpolation)  # a bad name fails up front
     out = np.empty((len(paths), 3, image_size, image_size), dtype=np.uint8)
     for i, p in enumerate(paths):
         img = cv2.imread(str(p), cv2.IMREAD_COLOR)
         if img is None:
             raise OSError(f"cannot read frame {p}: re-run extract_frames (dvc repro -f extract_frames)")
-        img = cv2.resize(img, (image_size, image_size), interpolation=cv2.INTER_AREA)
+        img = resize_square(img, image_size, interpolation)
         out[i] = cv2.cvtColor(img, cv2.COLOR_BGR2RGB).transpose(2, 0, 1)
     return out
 
 
 def cached_frames(frames_dir: str | Path, names: Sequence[str], image_size: int,
-                  cache_dir: str | Path = CACHE_DIR) -> np.ndarray:
+                  cache_dir: str | Path = CACHE_DIR, interpolation: str = "area") -> np.ndarray:
     """All frames in ``names`` at ``image_size``, decoded once and memory-mapped afterwards."""
     frames_dir = Path(frames_dir)
     key = hashlib.sha256()
@@ -79,11 +94,13 @@ def cached_frames(frames_dir: str | Path, names: Sequence[str], image_size: int,
         st = (frames_dir / n).stat()
         key.update(f"{n}:{st.st_size}:{st.st_mtime_ns}\n".encode())
     key.update(str(image_size).encode())
+    if interpolation != "area":  # the default keeps the keys of caches written before the option
+        key.update(interpolation.encode())
     path = Path(cache_dir) / f"{key.hexdigest()[:20]}_{image_size}.npy"
     if path.is_file():
         return np.load(path, mmap_mode="r")
     log.info("decoding %d frames at %d px into %s", len(names), image_size, path)
-    arr = decode_frames([frames_dir / n for n in names], image_size)
+    arr = decode_frames([frames_dir / n for n in names], image_size, interpolation)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_suffix(f".{os.getpid()}.tmp")
     with tmp.open("wb") as f:
@@ -95,10 +112,12 @@ def cached_frames(frames_dir: str | Path, names: Sequence[str], image_size: int,
 class FrameStore:
     """The frames of a dataset at one image size, addressed by manifest frame name."""
 
-    def __init__(self, frames_dir: str | Path, frames: pd.DataFrame, image_size: int):
+    def __init__(self, frames_dir: str | Path, frames: pd.DataFrame, image_size: int,
+                 interpolation: str = "area"):
         self.frames = frames.reset_index(drop=True)
         self.index = {n: i for i, n in enumerate(self.frames["frame"])}
-        self.array = cached_frames(frames_dir, list(self.frames["frame"]), image_size)
+        self.array = cached_frames(frames_dir, list(self.frames["frame"]), image_size,
+                                   interpolation=interpolation)
 
     def tensor(self, names: Sequence[str]) -> torch.Tensor:
         idx = np.fromiter((self.index[n] for n in names), dtype=np.int64, count=len(names))
@@ -116,7 +135,8 @@ def load_split_images(fold: int, split: str, image_size: int, limit: int | None 
     part = fold_frames(frames, splits, fold, split)
     if limit and len(part) > limit:
         part = part.iloc[np.linspace(0, len(part) - 1, limit).round().astype(int)]
-    images = decode_frames([Path(ds["frames_dir"]) / n for n in part["frame"]], image_size)
+    images = decode_frames([Path(ds["frames_dir"]) / n for n in part["frame"]], image_size,
+                           ds.get("resize_interpolation", "area"))
     return torch.from_numpy(images), torch.as_tensor(part["label"].to_numpy(), dtype=torch.long)
 
 

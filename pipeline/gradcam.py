@@ -174,10 +174,11 @@ def _read_rgb(path: Path) -> np.ndarray:
     return cv2.cvtColor(img, cv2.COLOR_BGR2RGB)
 
 
-def _model_input(rgb: np.ndarray, image_size: int) -> np.ndarray:
-    # The same square INTER_AREA resize as pipeline.data.decode_frames (training's input).
-    img = cv2.resize(rgb, (image_size, image_size), interpolation=cv2.INTER_AREA)
-    return img.transpose(2, 0, 1)
+def _model_input(rgb: np.ndarray, image_size: int, interpolation: str = "area") -> np.ndarray:
+    # The same square resize as pipeline.data.decode_frames (training's input).
+    from pipeline.data import resize_square
+
+    return resize_square(rgb, image_size, interpolation).transpose(2, 0, 1)
 
 
 # --------------------------------------------------------------------------- figure
@@ -263,7 +264,7 @@ def gradcam_grid(run_dir: str | Path, frames_per_class: int = 4, out_png: str | 
             rgb = _read_rgb(frames_dir / row["frame"])
             note, flat = "", False
             try:
-                cam = compute_cam(model, _model_input(rgb, int(ckpt["image_size"])), r)
+                cam = compute_cam(model, _model_input(rgb, int(ckpt["image_size"]), ckpt.get("interpolation", "area")), r)
                 flat = float(cam.max()) == 0.0  # no location raises the class's logit
                 shown = overlay(rgb, cam)
             except CamUnavailable as exc:

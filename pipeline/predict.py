@@ -3,8 +3,8 @@
 Frames are taken exactly as the ``extract_frames`` stage takes them (every ``int(fps / rate_hz)``-th
 frame, at most ``max_frames``, written as JPEG with the longest side capped, into a temporary
 folder outside the repository) and resized exactly as training saw them (``decode_frames``: a
-square, INTER_AREA, RGB). Every fold model of the run classifies every frame; the fold models'
-probabilities are combined per frame (``ensemble_probabilities``: mean by default, or a vote) and
+square, the run's interpolation, RGB). Every fold model of the run classifies every frame; the fold
+models' probabilities are combined per frame (``ensemble_probabilities``: mean by default, or a vote) and
 the frames' ensemble probabilities per video (``aggregate_videos``: mean by default).
 
     python -m pipeline.predict clip.mp4 still.png [--run models/mini_covidnet-focal]
@@ -207,6 +207,7 @@ def load_fold_models(run_dir: str | Path, backend: str = "torch",
                                f"{first['classes']} at {first['image_size']} px; retrain the run "
                                f"(dvc repro)")
     info = {"classes": list(first["classes"]), "image_size": int(first["image_size"]),
+            "interpolation": first.get("interpolation", "area"),
             "arch": first.get("model_cfg", {}).get("arch", ""),
             "checkpoints": {k: str(p) for k, p in checkpoints.items()},
             "model_files": {k: str(p) for k, p in files.items()}}
@@ -248,13 +249,13 @@ def check_inputs(paths: Sequence[str | Path]) -> None:
 
 
 def extract_input_frames(path: str | Path, image_size: int, rate_hz: float, max_frames: int,
-                         max_side: int | None = FALLBACK_MAX_SIDE,
-                         fps: float | None = None) -> tuple[np.ndarray, pd.DataFrame, str]:
+                         max_side: int | None = FALLBACK_MAX_SIDE, fps: float | None = None,
+                         interpolation: str = "area") -> tuple[np.ndarray, pd.DataFrame, str]:
     """The frames of one file, as training sees them.
 
     Runs the extraction stage's own ``process_file`` (same sampling rule, ``to_rgb8``, JPEG
     round trip and longest-side cap) into a temporary folder outside the repository, then
-    ``decode_frames`` (square resize, INTER_AREA, RGB).
+    ``decode_frames`` (square resize with the run's interpolation, RGB).
 
     Args:
         path: A video or image file.
@@ -287,7 +288,8 @@ def extract_input_frames(path: str | Path, image_size: int, rate_hz: float, max_
                 fix = "check that it is a real image; re-save it as PNG or JPEG"
             raise PredictError(f"{path}: {res.error}; {fix}")
         try:
-            images = decode_frames([Path(tmp) / r["frame"] for r in res.rows], int(image_size))
+            images = decode_frames([Path(tmp) / r["frame"] for r in res.rows], int(image_size),
+                                   interpolation)
         except OSError as exc:
             raise PredictError(f"{path}: a sampled frame could not be re-read ({exc})") from exc
     table = pd.DataFrame([{k: r[k] for k in ("frame_index", "time_s", "fps", "width", "height")}
@@ -355,7 +357,7 @@ def predict_files(paths: Sequence[str | Path], run_dir: str | Path, backend: str
     videos = []
     for p in paths:
         images, table, kind = extract_input_frames(p, info["image_size"], rate_hz, max_frames,
-                                                   max_side, fps)
+                                                   max_side, fps, info["interpolation"])
         per_fold = fold_probabilities(fns, images, batch_size)
         probs = ensemble_probabilities(list(per_fold.values()), ensemble)
         frame_preds = pd.DataFrame({"frame": np.arange(len(probs)), "source": str(p),

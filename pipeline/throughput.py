@@ -134,7 +134,7 @@ def main(argv: Sequence[str] | None = None) -> None:
 
     ds = get(params, "dataset")
     frames = used_frames(ds["frames_dir"])
-    store = FrameStore(ds["frames_dir"], frames, size)
+    store = FrameStore(ds["frames_dir"], frames, size, ds.get("resize_interpolation", "area"))
     real = store.tensor(list(frames["frame"]))
     rows: list[dict] = []
     result = {"device": device_info(), "image_size": size, "rows": rows}
