@@ -1,11 +1,20 @@
-"""Turn the output of ``scripts/gpu_paper_run.sh`` into committed report tables.
+"""Turn what the GPU scripts bring back into committed report tables.
 
-usage: python scripts/collect_gpu_run.py GPU_OUT_DIR [--dest reports/paper_gpu]
+    python scripts/collect_gpu_run.py paper [GPU_OUT_DIR ...] [--dest reports/paper_gpu]
+    python scripts/collect_gpu_run.py experiment RUN.tgz --dest reports/<name> [--set key=value ...]
 
-Unpacks the per-fold outputs, joins the folds of every (model, loss) cell that finished all five
-(``pipeline.train.summarize_cell``), then runs the real ``evaluate`` and ``report`` stage code on
-them with the paper profile's params, and copies the report, the throughput benchmark and the
-machine description to ``--dest``. Cells that did not finish are listed, not reported.
+``paper``: every GPU_OUT_DIR of ``scripts/gpu_paper_run.sh`` (``results.tar``, or the older
+``results.tgz``; ``logs.tgz``, ``machine.txt``, ``done.txt``, ``log.txt``) is first merged into
+``<dest>/runs/``, the committed store of every fold trained so far (``<cell>/fold_<k>/`` with a
+``source.json`` naming the session and GPU; ``sessions/<id>/`` with that session's logs, partial
+histories and benchmark). The grid can thus be finished over several device sessions. Then:
+``grid_progress.md`` lists all 70 (model, loss, fold) jobs with their state, and the real
+``evaluate`` and ``report`` stage code runs on every model whose two rows have all five folds.
+
+``experiment``: a ``<tag>.tgz`` of ``scripts/gpu_experiment_run.sh`` (params, per-fold outputs,
+log) is unpacked beside freshly re-run data stages (fetch_data, extract_frames, split_folds: the
+same checksummed data, so the same folds), then ``evaluate``, ``binary_eval`` (without t-SNE:
+weights do not come back) and ``report`` write ``--dest``.
 """
 
 from __future__ import annotations
@@ -13,91 +22,303 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
 import tarfile
 import tempfile
+from datetime import datetime, timezone
 from pathlib import Path
 
+import pandas as pd
 import yaml
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from pipeline.config import compose  # noqa: E402
+from pipeline.config import apply_overrides, compose, resolve_path  # noqa: E402
 from pipeline.train import summarize_cell  # noqa: E402
 
+FOLD_FILES = ("test_predictions.csv", "history.csv", "metrics.json")
+FOLD_RE = re.compile(r"models/([^/]+)/fold_(\d+)/([^/]+)$")
 
-def main() -> None:
-    ap = argparse.ArgumentParser()
-    ap.add_argument("gpu_out", type=Path)
-    ap.add_argument("--dest", type=Path, default=ROOT / "reports" / "paper_gpu")
-    args = ap.parse_args()
-    src = args.gpu_out
-    machine = (src / "machine.txt").read_text()
-    gpu_name = machine.splitlines()[1].split(",")[0].strip() if len(machine.splitlines()) > 1 else "?"
+
+def gpu_name(machine_txt: str) -> str:
+    lines = machine_txt.splitlines()
+    return lines[1].split(",")[0].strip() if len(lines) > 1 else "unknown GPU"
+
+
+def session_id(src: Path, gpu: str) -> str:
+    """``<UTC time of the first finished job>_<gpu>``: stable for one output folder."""
+    stamps = [int(line.split()[0]) for line in _read(src / "done.txt").splitlines() if line.strip()]
+    when = datetime.fromtimestamp(min(stamps), timezone.utc) if stamps else datetime.now(timezone.utc)
+    return f"{when:%Y%m%dT%H%MZ}_{re.sub(r'[^A-Za-z0-9]+', '-', gpu).strip('-')}"
+
+
+def _read(path: Path) -> str:
+    return path.read_text() if path.is_file() else ""
+
+
+def _archives(src: Path) -> list[tarfile.TarFile]:
+    return [tarfile.open(p) for p in (src / "results.tar", src / "results.tgz") if p.is_file()]
+
+
+def ingest(src: Path, runs: Path) -> str:
+    """Merge one GPU output folder into the runs store; return its session id."""
+    gpu = gpu_name(_read(src / "machine.txt"))
+    sid = session_id(src, gpu)
+    sess = runs / "sessions" / sid
+    sess.mkdir(parents=True, exist_ok=True)
+    for name in ("machine.txt", "log.txt", "done.txt", "jobs.txt", "NOTE.md"):
+        if (src / name).is_file():
+            shutil.copy(src / name, sess / name)
+    folds: dict[tuple[str, str], dict[str, bytes]] = {}
+    for tar in _archives(src):
+        for m in tar.getmembers():
+            if not m.isfile():
+                continue
+            data = tar.extractfile(m).read()  # type: ignore[union-attr]
+            hit = FOLD_RE.search(m.name)
+            if hit and hit.group(3) in FOLD_FILES:
+                folds.setdefault((hit.group(1), hit.group(2)), {})[hit.group(3)] = data
+            elif m.name.startswith(("partial/", "jobs.txt", "throughput.")):
+                (sess / m.name).parent.mkdir(parents=True, exist_ok=True)
+                (sess / m.name).write_bytes(data)
+            elif m.name.endswith(".log"):  # the older results.tgz carried the training logs
+                (sess / "logs").mkdir(exist_ok=True)
+                (sess / "logs" / Path(m.name).name).write_bytes(data)
+    for (cell, k), files in sorted(folds.items()):
+        if set(files) != set(FOLD_FILES):  # a fold cut off while writing its outputs
+            continue
+        d = runs / cell / f"fold_{k}"
+        d.mkdir(parents=True, exist_ok=True)
+        for name, data in files.items():
+            (d / name).write_bytes(data)
+        (d / "source.json").write_text(json.dumps({"session": sid, "gpu": gpu}) + "\n")
+    if (src / "logs.tgz").is_file():
+        with tarfile.open(src / "logs.tgz") as tar:
+            for m in tar.getmembers():
+                if m.isfile() and m.name.endswith(".log"):
+                    (sess / "logs").mkdir(exist_ok=True)
+                    (sess / "logs" / Path(m.name).name).write_bytes(tar.extractfile(m).read())  # type: ignore[union-attr]
+    return sid
+
+
+LOG_EPOCH = re.compile(r"epoch (\d+)/(\d+): .*\| ([\d.]+)s$")
+LOG_DONE = re.compile(r"pooled accuracy ([\d.]+) over folds \[(\d+)\] in (\d+) s")
+
+
+def progress(params: dict, runs: Path) -> pd.DataFrame:
+    """One row per (model, loss, fold) of the grid: done (outputs here), finished but outputs
+    lost (the log's result only), cut off at a deadline (epochs reached), or not run."""
+    rows = []
+    logs = {p.stem.removeprefix("train_"): p for p in sorted(runs.glob("sessions/*/logs/*.log"))}
+    partial = {p.stem: p for p in sorted(runs.glob("sessions/*/partial/*.csv"))}
+    for m in params["grid"]["models"]:
+        for loss in params["grid"]["losses"]:
+            for k in range(int(params["folds"]["k"])):
+                row = {"model": m, "loss": loss, "fold": k, "state": "not run", "epochs": None,
+                       "best_epoch": None, "s_per_epoch": None, "test_accuracy": None, "session": ""}
+                d = runs / f"{m}-{loss}" / f"fold_{k}"
+                log_path = logs.get(f"{m}-{loss}-{k}")
+                if (d / "test_predictions.csv").is_file():
+                    rec = json.loads((d / "metrics.json").read_text())
+                    src = json.loads((d / "source.json").read_text())
+                    row.update(state="done", epochs=rec["epochs_run"], best_epoch=rec["best_epoch"],
+                               s_per_epoch=rec["train_seconds"] / max(rec["epochs_run"], 1),
+                               test_accuracy=rec["metrics"]["accuracy"], session=src["session"])
+                elif log_path is not None:
+                    text = log_path.read_text()
+                    secs = [float(x.group(3)) for x in map(LOG_EPOCH.search, text.splitlines()) if x]
+                    done = LOG_DONE.search(text)
+                    row.update(epochs=len(secs), session=log_path.parent.parent.name,
+                               s_per_epoch=sum(secs) / len(secs) if secs else None)
+                    if done:
+                        row.update(state="finished; outputs not retrieved (log only)",
+                                   test_accuracy=float(done.group(1)))
+                    else:
+                        row.update(state="cut off at the deadline")
+                elif f"{m}-{loss}-fold_{k}" in partial:
+                    h = pd.read_csv(partial[f"{m}-{loss}-fold_{k}"])
+                    row.update(state="cut off at the deadline", epochs=len(h),
+                               s_per_epoch=float(h["seconds"].mean()),
+                               session=partial[f"{m}-{loss}-fold_{k}"].parent.parent.name)
+                rows.append(row)
+    return pd.DataFrame(rows)
+
+
+def throughput_table(dest: Path) -> None:
+    """``throughput_224px.md``: every training-throughput benchmark at 224 px kept under ``dest``
+    (the sessions' and any older ``throughput.json``), one row per (GPU, model, batch)."""
+    rows = []
+    for path in sorted([*dest.glob("throughput*.json"), *dest.glob("runs/sessions/*/throughput.json")]):
+        res = json.loads(path.read_text())
+        if int(res["image_size"]) != 224:
+            continue
+        for r in res["rows"]:
+            rows.append({"GPU": res["device"].get("gpu", "none"), "model": r["model"],
+                         "batch": r["batch_size"], "real data img/s": round(r["real"]),
+                         "random img/s": round(r["random"]),
+                         "random / real": round(r["random"] / r["real"], 2),
+                         "source": str(path.relative_to(dest))})
+    if rows:
+        (dest / "throughput_224px.md").write_text(
+            "# Training throughput at 224 px, every benchmark run\n\n"
+            "`python -m pipeline.throughput` (single process, bf16 autocast, channels-last): real = "
+            "`train_step` on lung-ultrasound frames held on the GPU, augmented per image; random = "
+            "one pre-made random batch. Generated by `scripts/collect_gpu_run.py paper`.\n\n"
+            + pd.DataFrame(rows).to_markdown(index=False) + "\n")
+
+
+def run_stages(work: Path, stages: list[str]) -> None:
+    # DVC_ROOT: the provenance line names this checkout's code revision.
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "DVC_ROOT": str(ROOT)}
+    for stage in stages:
+        subprocess.run([sys.executable, "-m", f"pipeline.{stage}"], cwd=work, env=env, check=True)
+
+
+def retitle(page: Path, text: str) -> None:
+    page.write_text(page.read_text().replace(
+        "Regenerated by `dvc repro` from the runs of this workspace; do not edit by hand.", text))
+
+
+def collect_paper(sources: list[Path], dest: Path) -> dict:
+    runs = dest / "runs"
+    sessions = [ingest(s, runs) for s in sources]
     params = compose(["experiment=paper"])
-    classes = list(params["dataset"]["classes"])
-    done = {}
-    for line in (src / "done.txt").read_text().splitlines() if (src / "done.txt").exists() else []:
-        t, m, l, f, _, code = line.split()
-        done.setdefault(f"{m}-{l}", {})[int(f)] = (int(t), int(code))
+    classes, k = list(params["dataset"]["classes"]), int(params["folds"]["k"])
+    prog = progress(params, runs)
+    prog.to_csv(dest / "grid_progress.csv", index=False)
+    counts = prog["state"].value_counts().to_dict()
+    (dest / "grid_progress.md").write_text(
+        "# Paper grid: state of every (model, loss, fold) job\n\n"
+        "Generated by `scripts/collect_gpu_run.py paper` from `runs/` (the fold outputs of every "
+        "device session; `runs/sessions/<id>/` holds each session's logs, partial histories, "
+        "machine and benchmark). Seconds per epoch were measured with up to 13-14 trainings "
+        "sharing the GPU (MPS). \"Log only\": the fold finished but its output files did not "
+        "come back from the device; its test accuracy is the one its log printed, and it is "
+        "not in the pooled tables.\n\n"
+        f"States: {json.dumps(counts)}\n\n" + prog.to_markdown(index=False, floatfmt=".3f") + "\n")
+    complete = [m for m in params["grid"]["models"] if all(
+        (runs / f"{m}-{loss}" / f"fold_{i}" / "test_predictions.csv").is_file()
+        for loss in params["grid"]["losses"] for i in range(k))]
     with tempfile.TemporaryDirectory() as tmp:
         work = Path(tmp)
-        with tarfile.open(src / "results.tgz") as t:
-            t.extractall(work, filter="data")
-        complete, partial = [], {}
-        for cell_dir in sorted((work / "models").iterdir()):
-            folds = sorted(int(p.parent.name.split("_")[1])
-                           for p in cell_dir.glob("fold_*/test_predictions.csv"))
-            if folds == list(range(int(params["folds"]["k"]))):
-                complete.append(cell_dir.name)
-            else:
-                partial[cell_dir.name] = folds
-        models = [m for m in params["grid"]["models"]
-                  if all(f"{m}-{l}" in complete for l in params["grid"]["losses"])]
-        cells = [f"{m}-{l}" for m in models for l in params["grid"]["losses"]]
-        for cell in cells:
-            d = work / "models" / cell
-            metrics, _ = summarize_cell(d, list(range(5)), classes)
-            m, l = cell.rsplit("-", 1)
-            (d / "run.json").write_text(json.dumps({
-                "model": m, "loss": l, "folds": list(range(5)), "init": "none (from scratch)",
-                "validation": params["folds"]["validation"], "leaky_validation": False,
-                "device": "cuda", "device_name": gpu_name, "profile": "paper", "image_size": 224,
-                "epochs": 50, "max_frames_per_source": None}, indent=2))
-        p = compose(["experiment=paper", f"grid.models=[{','.join(models)}]"])
+        gpus = set()
+        for m in complete:
+            for loss in params["grid"]["losses"]:
+                cell = work / "models" / f"{m}-{loss}"
+                shutil.copytree(runs / f"{m}-{loss}", cell)
+                summarize_cell(cell, list(range(k)), classes)
+                cell_gpus = sorted({json.loads((cell / f"fold_{i}" / "source.json").read_text())["gpu"]
+                                    for i in range(k)})
+                gpus.update(cell_gpus)
+                (cell / "run.json").write_text(json.dumps({
+                    "model": m, "loss": loss, "folds": list(range(k)), "init": "none (from scratch)",
+                    "validation": params["folds"]["validation"], "leaky_validation": False,
+                    "device": "cuda", "device_name": " + ".join(cell_gpus), "profile": "paper",
+                    "image_size": 224, "epochs": 50, "max_frames_per_source": None}, indent=2))
+        p = apply_overrides(params, [f"grid.models=[{','.join(complete)}]"])
         (work / "params.yaml").write_text(yaml.safe_dump(p, sort_keys=False))
         shutil.copytree(ROOT / "data" / "folds", work / "data" / "folds")
         shutil.copytree(ROOT / "data" / "published", work / "data" / "published")
         shutil.copy(ROOT / p["dataset"]["checksums"], work / p["dataset"]["checksums"])
-        # DVC_ROOT: the provenance line names this checkout's code revision.
-        env = {**os.environ, "PYTHONPATH": str(ROOT), "DVC_ROOT": str(ROOT)}
-        for stage in ("evaluate", "report"):
-            subprocess.run([sys.executable, "-m", f"pipeline.{stage}"], cwd=work, env=env, check=True)
-        page = work / "reports" / "README.md"
-        page.write_text(page.read_text().replace(
-            "Regenerated by `dvc repro` from the runs of this workspace; do not edit by hand.",
-            f"Generated by `scripts/collect_gpu_run.py` from the paper-profile run of "
-            f"`scripts/gpu_paper_run.sh` on one {gpu_name} (see machine.txt, log.txt, "
-            f"run_summary.json); every model trained from scratch (no ImageNet weights offline). "
-            f"Training minutes per fold were measured with up to 14 trainings sharing the GPU "
-            f"(MPS), one process per (model, loss, fold); throughput.md has the single-process "
-            f"figures."))
-        dest = args.dest
+        run_stages(work, ["evaluate", "report"])
+        retitle(work / "reports" / "README.md",
+                f"Generated by `scripts/collect_gpu_run.py paper` from the folds in `runs/`, "
+                f"trained by `scripts/gpu_paper_run.sh` on {' and '.join(sorted(gpus))} (see "
+                f"`runs/sessions/`; `grid_progress.md` lists every job of the grid); every model "
+                f"trained from scratch (no ImageNet weights offline). Only models with all five "
+                f"folds of both losses are reported here. Training minutes per fold were measured "
+                f"with up to 14 trainings sharing the GPU (MPS), one process per (model, loss, "
+                f"fold); the throughput tables have the single-process figures.")
+        for sub in ("tables", "figures"):
+            if (dest / sub).exists():
+                shutil.rmtree(dest / sub)
+        for item in (work / "reports").iterdir():
+            if item.name == "plots":
+                continue
+            if item.is_dir():
+                shutil.copytree(item, dest / item.name)
+            else:
+                shutil.copy(item, dest / item.name)
+    throughput_table(dest)
+    every = sorted(p.name for p in (runs / "sessions").iterdir()) if (runs / "sessions").is_dir() else []
+    summary = {"complete_models": complete, "job_states": counts, "sessions": every,
+               "added_now": sessions,
+               "grid_wall": {s: [line for line in _read(runs / "sessions" / s / "log.txt").splitlines()
+                                 if "wall" in line] for s in every}}
+    (dest / "run_summary.json").write_text(json.dumps(summary, indent=2) + "\n")
+    return summary
+
+
+def collect_experiment(archive: Path, dest: Path, overrides: list[str]) -> dict:
+    with tempfile.TemporaryDirectory() as tmp:
+        work = Path(tmp)
+        with tarfile.open(archive) as tar:
+            tar.extractall(work, filter="data")
+        params = yaml.safe_load((work / "params.yaml").read_text())
+        # The data come from this checkout's sources (the device's path means nothing here);
+        # the checksum list makes sure they are the same files.
+        default = compose([f"experiment={params['profile']}"])
+        sources = [s if "://" in s else str(resolve_path(s, ROOT)) for s in default["dataset"]["sources"]]
+        params = apply_overrides(params, [f"dataset.sources={json.dumps(sources)}",
+                                          "binary.tsne=false", *overrides])
+        device_params = (work / "params.yaml").read_text()
+        (work / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+        for name in ("checksums",):
+            target = work / params["dataset"][name]
+            target.parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy(ROOT / params["dataset"][name], target)
+        shutil.copytree(ROOT / "data" / "published", work / "data" / "published", dirs_exist_ok=True)
+        env_root = {**os.environ, "PYTHONPATH": str(ROOT), "DVC_ROOT": str(work)}
+        for stage in ("fetch_data", "extract_frames", "split_folds"):
+            subprocess.run([sys.executable, "-m", f"pipeline.{stage}"], cwd=work, env=env_root,
+                           check=True)
+        run_stages(work, ["evaluate", "binary_eval", "report"])
+        run_info = {c.name: json.loads((c / "run.json").read_text())
+                    for c in sorted((work / "models").iterdir()) if (c / "run.json").is_file()}
+        gpu = sorted({r["device_name"] for r in run_info.values()})
+        t = params["train"]
+        retitle(work / "reports" / "README.md",
+                f"Generated by `scripts/collect_gpu_run.py experiment` from `{archive.name}`, the "
+                f"run of `scripts/gpu_experiment_run.sh` (profile {params['profile']}, "
+                f"{t['image_size']} px, {t['epochs']} epochs, batch {t['batch_size']}) on one "
+                f"{' + '.join(gpu)}, beside other trainings sharing the GPU; `run.log` is its log "
+                f"and `params.yaml` the parameters it ran with. No weights came back from the "
+                f"device, so there is no t-SNE figure.")
         if dest.exists():
             shutil.rmtree(dest)
         shutil.copytree(work / "reports", dest, ignore=shutil.ignore_patterns("plots"))
-        for cell in cells:
+        (dest / "params.yaml").write_text(device_params)
+        for name in ("run.log",):
+            if (work / name).is_file():
+                shutil.copy(work / name, dest / name)
+        for cell, info in run_info.items():
             shutil.copy(work / "models" / cell / "metrics.json", dest / f"metrics_{cell}.json")
-    for name in ("machine.txt", "log.txt", "throughput.md", "throughput.json", "done.txt"):
-        if (src / name).exists():
-            shutil.copy(src / name, dest / name)
-    summary = {"complete_cells": cells, "partial_cells": partial, "gpu": gpu_name,
-               "grid_wall": [l for l in (src / "log.txt").read_text().splitlines() if "wall" in l]}
-    (dest / "run_summary.json").write_text(json.dumps(summary, indent=2) + "\n")
-    print(json.dumps(summary, indent=2))
+            for f in ("history.csv",):
+                for fold in sorted((work / "models" / cell).glob("fold_*")):
+                    shutil.copy(fold / f, dest / f"{f.split('.')[0]}_{cell}_{fold.name}.csv")
+        return {"cells": list(run_info), "gpu": gpu}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    sub = ap.add_subparsers(dest="mode", required=True)
+    p = sub.add_parser("paper")
+    p.add_argument("gpu_out", type=Path, nargs="*")
+    p.add_argument("--dest", type=Path, default=ROOT / "reports" / "paper_gpu")
+    e = sub.add_parser("experiment")
+    e.add_argument("archive", type=Path)
+    e.add_argument("--dest", type=Path, required=True)
+    e.add_argument("--set", nargs="*", default=[])
+    args = ap.parse_args()
+    if args.mode == "paper":
+        out = collect_paper(args.gpu_out, args.dest)
+    else:
+        out = collect_experiment(args.archive, args.dest, args.set)
+    print(json.dumps(out, indent=2))
 
 
 if __name__ == "__main__":

@@ -2,14 +2,21 @@
 # The paper profile (experiment=paper) on one GPU machine without DVC/MLflow installed: the same
 # stage code (python -m pipeline.train ...), one process per (model, loss, fold), several at a
 # time on the GPU (batch-16 training of these small models is launch-bound, so processes overlap
-# well), most important rows first, under a wall-clock deadline. Then the training-throughput
-# benchmark. Results are packed into $OUT (or ./gpu_out) for `scripts/collect_gpu_run.py`.
+# well), in the order of the job list, under a wall-clock deadline. Then the training-throughput
+# benchmark. Each finished fold's outputs are appended to $OUT/results.tar as soon as it ends
+# (so a run killed from outside keeps them); folds still running at the deadline add their
+# per-epoch history (partial/), and the benchmark its tables, at the end. The device tool brings
+# back at most 8 files, at most 2 folders down: $OUT holds results.tar, logs.tgz (one log per
+# training), machine.txt, log.txt and done.txt. `scripts/collect_gpu_run.py` reads them.
 #
-# usage: bash scripts/gpu_paper_run.sh [deadline_s=480] [parallel=12] [bench_s=60]
+# usage: [JOBS=jobs.txt] [BENCH_MODELS="a b"] [OUT=dir] \
+#          bash scripts/gpu_paper_run.sh [deadline_s=480] [parallel=12] [bench_s=60]
+#   JOBS: lines "model loss fold" to run (default: every model x loss x fold of the grid)
 set -uo pipefail
 cd "$(dirname "$0")/.."
 DEADLINE=${1:-480}; PARALLEL=${2:-12}; BENCH=${3:-60}
 OUT=${OUT:-$PWD/gpu_out}; mkdir -p "$OUT"
+WORK=$(mktemp -d /tmp/paper_run_XXXX)  # logs, partial histories and the benchmark, packed at the end
 START=$(date +%s)
 export PYTHONUNBUFFERED=1 MLFLOW_DISABLE_TELEMETRY=true DVC_NO_ANALYTICS=1
 { nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv; python3 -c 'import torch, timm; print("torch", torch.__version__, "timm", timm.__version__)'; nproc; } > "$OUT/machine.txt" 2>&1
@@ -24,22 +31,33 @@ fi
 
 python3 -m pipeline.config experiment=paper ${EXTRA:-} > params.yaml
 # Decode the 224-px frame cache once, before the workers start.
-python3 -c 'from pipeline.config import load_params; from pipeline.data import FrameStore, used_frames; p=load_params(); d=p["dataset"]; FrameStore(d["frames_dir"], used_frames(d["frames_dir"]), p["train"]["image_size"])'
+python3 -c 'from pipeline.config import load_params; from pipeline.data import FrameStore, used_frames; p=load_params(); d=p["dataset"]; FrameStore(d["frames_dir"], used_frames(d["frames_dir"]), p["train"]["image_size"], d.get("resize_interpolation", "area"))'
 
 MODELS=$(python3 -c 'from pipeline.config import load_params; print(" ".join(load_params()["grid"]["models"]))')
-jobs=()
-for m in $MODELS; do for f in 0 1 2 3 4; do for l in ce focal; do jobs+=("$m $l $f"); done; done; done
-printf '%s\n' "${jobs[@]}" > "$OUT/jobs.txt"
+if [ -n "${JOBS:-}" ]; then
+  grep -v '^\s*\(#\|$\)' "$JOBS" > "$WORK/jobs.txt"
+else
+  for m in $MODELS; do for f in 0 1 2 3 4; do for l in ce focal; do echo "$m $l $f"; done; done; done > "$WORK/jobs.txt"
+fi
+tar cf "$OUT/results.tar" -C "$WORK" jobs.txt
+mkdir -p "$WORK/logs"
 LEFT=$(( DEADLINE - BENCH - ($(date +%s) - START) ))
-echo "grid: ${#jobs[@]} jobs, $PARALLEL at a time, ${LEFT}s" | tee -a "$OUT/log.txt"
+echo "grid: $(wc -l < "$WORK/jobs.txt") jobs, $PARALLEL at a time, ${LEFT}s" | tee -a "$OUT/log.txt"
 GRID_START=$(date +%s)
-printf '%s\n' "${jobs[@]}" | timeout --signal=KILL "$LEFT" xargs -P "$PARALLEL" -L 1 sh -c \
-  'python3 -m pipeline.train model=$0 loss=$1 fold=$2 > "'"$OUT"'/train_$0-$1-$2.log" 2>&1; echo "$(date +%s) $0 $1 $2 exit $?" >> "'"$OUT"'/done.txt"'
+# flock: one writer at a time appends to the shared tar.
+timeout --signal=KILL "$LEFT" xargs -P "$PARALLEL" -L 1 -a "$WORK/jobs.txt" sh -c '
+  python3 -m pipeline.train model=$0 loss=$1 fold=$2 > "'"$WORK"'/logs/train_$0-$1-$2.log" 2>&1
+  code=$?
+  d=models/$0-$1/fold_$2
+  [ $code -eq 0 ] && flock "'"$WORK"'/tar.lock" tar rf "'"$OUT"'/results.tar" $d/test_predictions.csv $d/history.csv $d/metrics.json
+  echo "$(date +%s) $0 $1 $2 exit $code" >> "'"$OUT"'/done.txt"'
 echo "grid wall: $(( $(date +%s) - GRID_START ))s" | tee -a "$OUT/log.txt"
+# Folds cut off by the deadline: their per-epoch history from the resume state.
+python3 scripts/resume_histories.py "$WORK/partial" >> "$OUT/log.txt" 2>&1
 
-timeout --signal=KILL "$BENCH" python3 -m pipeline.throughput --experiment params --models $MODELS \
-  --batch-sizes 16 128 --steps 20 --warmup 5 --out "$OUT/throughput" >> "$OUT/log.txt" 2>&1
-tar czf "$OUT/results.tgz" models/*/fold_*/test_predictions.csv models/*/fold_*/history.csv \
-  models/*/fold_*/metrics.json "$OUT"/train_*.log 2>/dev/null
-rm -f "$OUT"/train_*.log
+timeout --signal=KILL "$BENCH" python3 -m pipeline.throughput --experiment params \
+  --models ${BENCH_MODELS:-$MODELS} --batch-sizes 16 128 --steps 20 --warmup 5 \
+  --out "$WORK/throughput" >> "$OUT/log.txt" 2>&1
+flock "$WORK/tar.lock" tar rf "$OUT/results.tar" -C "$WORK" partial $(cd "$WORK" && ls throughput.* 2>/dev/null)
+tar czf "$OUT/logs.tgz" -C "$WORK" logs
 echo "total: $(( $(date +%s) - START ))s" | tee -a "$OUT/log.txt"

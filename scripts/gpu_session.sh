@@ -1,0 +1,34 @@
+#!/usr/bin/env bash
+# One device session's work, as run on the GPU machine (`run` of the device tool), so the committed
+# results say exactly what produced them:
+#   * PneumoniaMNIST (experiment=pneumoniamnist) at 28 px and at 224 px, full MedMNIST protocol
+#     (100 epochs), each in its own copy of the project (scripts/gpu_experiment_run.sh);
+#   * the paper grid's jobs listed in $JOBS, 13 at a time (scripts/gpu_paper_run.sh), then the
+#     training-throughput benchmark of $BENCH_MODELS.
+# The machine has no DVC/MLflow: wheels carried in .whl/ (hydra-core, omegaconf, antlr4, timm,
+# pytorchcv) go to /tmp/site; the PneumoniaMNIST npz is carried in .gpu/medmnist/.
+#
+# usage (device): bash scripts/gpu_session.sh [deadline_s=540]
+#   carry: data/frames data/folds .whl .gpu   (JOBS defaults to .gpu/jobs.txt)
+set -uo pipefail
+cd "$(dirname "$0")/.."
+DEADLINE=${1:-540}
+export OUT=${OUT:-$PWD/gpu_out}; mkdir -p "$OUT"
+pip install --no-deps --target /tmp/site -q .whl/*.whl 2>&1 | tail -2
+export PYTHONPATH="/tmp/site:$PWD"
+NPZ_DIR=$PWD/.gpu/medmnist
+(
+  sleep 30  # after gpu_paper_run.sh has started the MPS daemon
+  bash scripts/gpu_experiment_run.sh pmnist_28 $((DEADLINE - 120)) experiment=pneumoniamnist \
+    "dataset.sources=[$NPZ_DIR]" &
+  bash scripts/gpu_experiment_run.sh pmnist_224 $((DEADLINE - 120)) experiment=pneumoniamnist \
+    train.image_size=224 models.resnet18.stem=imagenet "dataset.sources=[$NPZ_DIR]" &
+  wait
+) &
+JOBS=${JOBS:-.gpu/jobs.txt} BENCH_MODELS=${BENCH_MODELS:-"nasnet_mobile covid_caps covid_caps_scaled"} \
+  bash scripts/gpu_paper_run.sh "$DEADLINE" 13 70
+wait
+nvidia-smi --query-gpu=name,memory.used,memory.total --format=csv >> "$OUT/machine.txt" 2>&1
+ls -la "$OUT"
+n=$(find "$OUT" -type f | wc -l)
+[ "$n" -le 8 ] || echo "WARNING: $n files under \$OUT: the device tool brings back 8"
