@@ -318,6 +318,16 @@ def tradeoff_figure(evaluation: Mapping, benchmarks: Mapping[str, dict], grid_lo
     return True
 
 
+def published_for(published: Mapping, image_size: int) -> dict:
+    """The published numbers for this input size: ``rows_by_image_size[<size>]`` replaces
+    ``rows`` where a study reports several sizes (MedMNIST's 28 and 224 px rows)."""
+    out = dict(published)
+    by_size = published.get("rows_by_image_size") or {}
+    if image_size in by_size:
+        out["rows"] = by_size[image_size]
+    return out
+
+
 def main(argv: Sequence[str] | None = None) -> None:
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     params = load_params()
@@ -326,7 +336,8 @@ def main(argv: Sequence[str] | None = None) -> None:
     evaluation = json.loads((out / "evaluation.json").read_text())
     runs = load_runs(cells, Path("models"), params)
     pub_file = Path("data/published") / f"{get(params, 'dataset.name')}.yaml"
-    published = yaml.safe_load(pub_file.read_text()) if pub_file.is_file() else {}
+    published = published_for(yaml.safe_load(pub_file.read_text()) if pub_file.is_file() else {},
+                              int(get(params, "train.image_size")))
     folds_table = pd.read_csv(Path(get(params, "folds.dir")) / "table1.csv")
     models = list(get(params, "grid.models"))
     benchmarks = load_json_files(models, str(out / "benchmark" / "{}.json"))

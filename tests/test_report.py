@@ -126,3 +126,16 @@ def test_tradeoff_figure_uses_the_measurements(fixture):
 def test_fmt_keeps_small_differences_visible():
     assert fmt(6.2e-05) == "6.2e-05" and fmt(0.5) == "0.500" and fmt(3338947) == "3,338,947"
     assert fmt(True) == "yes" and fmt(None) == "–" and fmt(float("nan")) == "–"
+
+
+def test_published_rows_follow_the_input_size():
+    import yaml
+
+    from pipeline.report import published_for
+    from tests.conftest import PROJECT_ROOT
+
+    pub = yaml.safe_load((PROJECT_ROOT / "data" / "published" / "pneumoniamnist.yaml").read_text())
+    assert published_for(pub, 28)["rows"]["resnet18-ce"] == {"accuracy": 0.854, "auc": 0.944}
+    assert published_for(pub, 224)["rows"]["resnet18-ce"] == {"accuracy": 0.864, "auc": 0.956}
+    assert published_for(pub, 64)["rows"] == pub["rows"]  # no rows for the size: the default ones
+    assert published_for({}, 224) == {}
