@@ -1,0 +1,99 @@
+"""scripts/collect_gpu_run.py: merging device sessions into the runs store, the grid's job
+states, and regenerating a committed GPU report from its archive."""
+
+from __future__ import annotations
+
+import importlib.util
+import io
+import json
+import tarfile
+from pathlib import Path
+
+import pandas as pd
+import pytest
+
+from pipeline.config import compose
+from tests.conftest import PROJECT_ROOT
+
+spec = importlib.util.spec_from_file_location("collect_gpu_run", PROJECT_ROOT / "scripts" / "collect_gpu_run.py")
+collect = importlib.util.module_from_spec(spec)
+spec.loader.exec_module(collect)  # type: ignore[union-attr]
+
+
+def _add(tar: tarfile.TarFile, name: str, text: str) -> None:
+    data = text.encode()
+    info = tarfile.TarInfo(name)
+    info.size = len(data)
+    tar.addfile(info, io.BytesIO(data))
+
+
+def _fold_files(acc: float, epochs: int) -> dict[str, str]:
+    return {"test_predictions.csv": "frame,y_true,y_pred\nf0,0,0\n",
+            "history.csv": "epoch,seconds\n" + "".join(f"{e},2.0\n" for e in range(epochs)),
+            "metrics.json": json.dumps({"fold": 0, "best_epoch": 3, "epochs_run": epochs,
+                                        "train_seconds": 2.0 * epochs, "metrics": {"accuracy": acc}})}
+
+
+def _session(root: Path, gpu: str, stamp: int) -> Path:
+    """A GPU output folder as gpu_paper_run.sh leaves it."""
+    root.mkdir()
+    (root / "machine.txt").write_text(f"name, memory.total [MiB], driver_version\n{gpu}, 1 MiB, 1\n")
+    (root / "done.txt").write_text(f"{stamp} mini_covidnet ce 0 exit 0\n")
+    (root / "log.txt").write_text("grid wall: 100s\n")
+    with tarfile.open(root / "results.tar", "w") as tar:
+        _add(tar, "jobs.txt", "mini_covidnet ce 0\n")
+        for name, text in _fold_files(0.75, 10).items():
+            _add(tar, f"models/mini_covidnet-ce/fold_0/{name}", text)
+        # Killed while writing its outputs: only the history made it. Must not count as done.
+        _add(tar, "models/mini_covidnet-ce/fold_1/history.csv", "epoch,seconds\n0,1.0\n")
+        _add(tar, "partial/mobilenet_v2-focal-fold_2.csv", "epoch,seconds\n0,5.0\n1,7.0\n")
+    with tarfile.open(root / "logs.tgz", "w:gz") as tar:
+        _add(tar, "logs/train_resnet50-ce-3.log",
+             "x INFO pipeline.train: fold 3 epoch 1/50: train loss 1 acc 0.5 | val loss 1 acc 0.5 | 4.0s\n"
+             "x INFO pipeline.train: fold 3 epoch 2/50: train loss 1 acc 0.5 | val loss 1 acc 0.5 | 6.0s\n"
+             "x INFO pipeline.train: resnet50-ce: pooled accuracy 0.612 over folds [3] in 10 s\n")
+    return root
+
+
+def test_sessions_merge_into_the_runs_store_and_every_job_has_a_state(tmp_path):
+    runs = tmp_path / "runs"
+    sid = collect.ingest(_session(tmp_path / "a", "NVIDIA H200", 1_795_840_000), runs)
+    assert sid == "20261128T0426Z_NVIDIA-H200"
+    fold = runs / "mini_covidnet-ce" / "fold_0"
+    assert sorted(p.name for p in fold.iterdir()) == ["history.csv", "metrics.json", "source.json",
+                                                     "test_predictions.csv"]
+    assert json.loads((fold / "source.json").read_text()) == {"session": sid, "gpu": "NVIDIA H200"}
+    assert not (runs / "mini_covidnet-ce" / "fold_1").exists()
+    assert (runs / "sessions" / sid / "logs" / "train_resnet50-ce-3.log").is_file()
+
+    prog = collect.progress(compose(["experiment=paper"]), runs).set_index(["model", "loss", "fold"])
+    assert len(prog) == 70
+    done = prog.loc[("mini_covidnet", "ce", 0)]
+    assert (done["state"], done["epochs"], done["test_accuracy"], done["s_per_epoch"]) == ("done", 10, 0.75, 2.0)
+    log_only = prog.loc[("resnet50", "ce", 3)]
+    assert log_only["state"].startswith("finished; outputs not retrieved")
+    assert (log_only["test_accuracy"], log_only["epochs"], log_only["s_per_epoch"]) == (0.612, 2, 5.0)
+    cut = prog.loc[("mobilenet_v2", "focal", 2)]
+    assert (cut["state"], cut["epochs"], cut["s_per_epoch"]) == ("cut off at the deadline", 2, 6.0)
+    assert prog.loc[("mini_covidnet", "ce", 1), "state"] == "not run"
+    assert (prog["state"] == "not run").sum() == 67
+
+    # A later session that finishes a fold again replaces it, and names itself as its source.
+    later = _session(tmp_path / "b", "NVIDIA H100 80GB HBM3", 1_795_900_000)
+    sid_b = collect.ingest(later, runs)
+    assert json.loads((fold / "source.json").read_text())["session"] == sid_b
+    assert sorted(p.name for p in (runs / "sessions").iterdir()) == sorted([sid, sid_b])
+
+
+@pytest.mark.parametrize("size", [28, 224])
+def test_committed_pneumoniamnist_gpu_report_regenerates_from_its_archive(tmp_path, size):
+    committed = PROJECT_ROOT / "reports" / f"pneumoniamnist_gpu_{size}px"
+    dest = tmp_path / "report"
+    collect.collect_experiment(committed / f"pmnist_{size}.tgz", dest, [], "3aa32f9")
+    assert json.loads((dest / "metrics.json").read_text()) == \
+        json.loads((committed / "metrics.json").read_text())
+    assert json.loads((dest / "binary_metrics.json").read_text()) == \
+        json.loads((committed / "binary_metrics.json").read_text())
+    table = pd.read_csv(dest / "tables" / "table7_accuracy.csv")
+    published = {28: (0.854, 0.944), 224: (0.864, 0.956)}[size]
+    assert tuple(table[["published acc.", "published AUC"]].iloc[0]) == published
