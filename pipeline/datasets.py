@@ -109,6 +109,23 @@ def _convert_all(jobs: list[tuple[str, str, int | None, str]], workers: int) -> 
     return [_convert(j) for j in jobs]
 
 
+def _convert_pending(pending: list[tuple[str, Path, dict]], frames_dir: Path, ds: Mapping,
+                     fmt: str, rows: list[dict], problems: list[str]) -> None:
+    """Write one frame per ``(source, image path, row fields)`` (``dataset.workers`` processes)
+    and add its manifest row: used, or skipped with the reason the image could not be read."""
+    taken: set[str] = set()
+    names = [_frame_name(source, fmt, taken) for source, _, _ in pending]
+    jobs = [(str(path), str(frames_dir / name), ds.get("frame_max_side"), fmt)
+            for (_, path, _), name in zip(pending, names)]
+    results = _convert_all(jobs, int(ds.get("workers") or 1))
+    for (source, _, base), name, result in zip(pending, names, results):
+        if isinstance(result, str):
+            problems.append(f"{source}: {result}")
+            rows.append(_row(source, status="skipped", reason=result, **base))
+        else:
+            rows.append(_row(source, status="used", frame=name, size=result, **base))
+
+
 def _frame_format(ds: Mapping, default: str) -> str:
     fmt = str(ds.get("frame_format") or default).lower().lstrip(".")
     fmt = "jpg" if fmt == "jpeg" else fmt
@@ -212,8 +229,7 @@ def prepare_image_manifest(raw_dir: Path, frames_dir: Path, ds: Mapping, strict:
 
     rows: list[dict] = []
     problems: list[str] = []
-    jobs, pending = [], []
-    taken: set[str] = set()
+    pending: list[tuple[str, Path, dict]] = []
     first_row: dict[str, tuple[int, str]] = {}
     for i, rec in enumerate(table.to_dict("records"), start=2):  # line 1 is the header
         where = f"{csv_path.name} line {i}"
@@ -235,14 +251,16 @@ def prepare_image_manifest(raw_dir: Path, frames_dir: Path, ds: Mapping, strict:
             problems.append(f"{source}: {reason}")
             rows.append(_row(source, status="skipped", reason=reason, **base))
 
+        def exclude(reason: str) -> None:
+            rows.append(_row(source, status="excluded", reason=reason, **base))
+
         if not rel:
             skip(f"{where}: empty path (column '{columns['path_column']}')")
             continue
         if rel in first_row:
             line, first_label = first_row[rel]
             if first_label == label_text:
-                rows.append(_row(source, status="excluded", reason=f"{where}: listed again "
-                                 f"(duplicate of line {line})", **base))
+                exclude(f"{where}: listed again (duplicate of line {line})")
             else:
                 skip(f"{where}: listed again with label '{label_text}' (line {line} says "
                      f"'{first_label}'); keep one row per image")
@@ -250,15 +268,13 @@ def prepare_image_manifest(raw_dir: Path, frames_dir: Path, ds: Mapping, strict:
         first_row[rel] = (i, label_text)
         if cls is None:
             if label_text in ignore:
-                rows.append(_row(source, status="excluded", reason=f"label '{label_text}' ignored "
-                                 f"(dataset.ignore_labels)", **base))
+                exclude(f"label '{label_text}' ignored (dataset.ignore_labels)")
             else:
                 skip(f"{where}: label '{label_text}' maps to no class (dataset.classes: "
                      f"{ {c: list(v) for c, v in ds['classes'].items()} })")
             continue
         if views is not None and extra.get("view", "") not in views:
-            rows.append(_row(source, status="excluded", reason=f"view '{extra.get('view', '')}' "
-                             f"not selected (dataset.views={sorted(views)})", **base))
+            exclude(f"view '{extra.get('view', '')}' not selected (dataset.views={sorted(views)})")
             continue
         path = image_root / rel
         if not path.is_file():
@@ -267,16 +283,8 @@ def prepare_image_manifest(raw_dir: Path, frames_dir: Path, ds: Mapping, strict:
         if path.suffix.lower() not in IMAGE_EXTS:
             skip(f"{where}: not an image file ({path.suffix or 'no extension'})")
             continue
-        name = _frame_name(source, fmt, taken)
-        jobs.append((str(path), str(frames_dir / name), ds.get("frame_max_side"), fmt))
-        pending.append((source, name, base))
-
-    for (source, name, base), result in zip(pending, _convert_all(jobs, int(ds.get("workers") or 1))):
-        if isinstance(result, str):
-            problems.append(f"{source}: {result}")
-            rows.append(_row(source, status="skipped", reason=result, **base))
-        else:
-            rows.append(_row(source, status="used", frame=name, size=result, **base))
+        pending.append((source, path, base))
+    _convert_pending(pending, frames_dir, ds, fmt, rows, problems)
 
     listed = {(image_root / rel).resolve() for rel in first_row}
     for path in _image_files(image_root):
@@ -322,8 +330,7 @@ def prepare_image_folders(raw_dir: Path, frames_dir: Path, ds: Mapping, strict: 
 
     rows: list[dict] = []
     problems: list[str] = []
-    jobs, pending = [], []
-    taken: set[str] = set()
+    pending: list[tuple[str, Path, dict]] = []
     for path in _image_files(root):
         source = path.relative_to(raw_dir).as_posix()
         parts = path.relative_to(root).parts
@@ -350,18 +357,10 @@ def prepare_image_folders(raw_dir: Path, frames_dir: Path, ds: Mapping, strict: 
             rows.append(_row(source, status="skipped", reason=msg, **base))
             continue
         else:
-            name = _frame_name(source, fmt, taken)
-            jobs.append((str(path), str(frames_dir / name), ds.get("frame_max_side"), fmt))
-            pending.append((source, name, base))
+            pending.append((source, path, base))
             continue
         rows.append(_row(source, status="excluded", reason=reason, **base))
-
-    for (source, name, base), result in zip(pending, _convert_all(jobs, int(ds.get("workers") or 1))):
-        if isinstance(result, str):
-            problems.append(f"{source}: {result}")
-            rows.append(_row(source, status="skipped", reason=result, **base))
-        else:
-            rows.append(_row(source, status="used", frame=name, size=result, **base))
+    _convert_pending(pending, frames_dir, ds, fmt, rows, problems)
     return _finish(rows, problems, classes, strict, str(root))
 
 
