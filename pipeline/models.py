@@ -480,11 +480,17 @@ def pocovidnet(cfg: dict, num_classes: int) -> ImageClassifier:
 def resnet50(cfg: dict, num_classes: int) -> ImageClassifier:
     """ResNet50 features (stem + 16 bottlenecks) + the 64-unit ReLU head."""
     backbone = _timm_backbone("resnet50", "resnet50", cfg["pretrained"] == "imagenet")
+    return _resnet_classifier(backbone, "resnet50", cfg, num_classes)
+
+
+def _resnet_classifier(backbone: nn.Module, arch: str, cfg: dict,
+                       num_classes: int) -> ImageClassifier:
+    """A timm ResNet + the configured head; blocks = the stem, then every residual block."""
     blocks = [("conv1", "bn1")]
     for stage in ("layer1", "layer2", "layer3", "layer4"):
         blocks += _blocks_of(stage, getattr(backbone, stage))
     return ImageClassifier(backbone, _head(cfg, backbone.num_features, num_classes),
-                           arch="resnet50", normalize=cfg["normalize"], blocks=blocks,
+                           arch=arch, normalize=cfg["normalize"], blocks=blocks,
                            gradcam_layer="layer4")
 
 
@@ -616,12 +622,7 @@ def resnet18(cfg: dict, num_classes: int) -> ImageClassifier:
         # timm ResNet's own conv init, so the stem starts like the rest of the network
         nn.init.kaiming_normal_(backbone.conv1.weight, mode="fan_out", nonlinearity="relu")
         backbone.maxpool = nn.Identity()
-    blocks = [("conv1", "bn1")]
-    for stage in ("layer1", "layer2", "layer3", "layer4"):
-        blocks += _blocks_of(stage, getattr(backbone, stage))
-    return ImageClassifier(backbone, _head(cfg, backbone.num_features, num_classes),
-                           arch="resnet18", normalize=cfg["normalize"], blocks=blocks,
-                           gradcam_layer="layer4")
+    return _resnet_classifier(backbone, "resnet18", cfg, num_classes)
 
 
 def _capsule_network(arch: str, cfg: dict, num_classes: int) -> CapsuleClassifier:
