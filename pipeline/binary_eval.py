@@ -283,7 +283,7 @@ def _tsne_cell(cell_dir: Path, preds: pd.DataFrame, frames_dir: Path, cfg: Mappi
         part = part.sample(int(cfg["tsne_max"]), random_state=seed)
     model, ckpt = load_model(cell_dir / f"fold_{fold}" / "best.pt")
     images = torch.from_numpy(decode_frames([frames_dir / f for f in part["frame"]], ckpt["image_size"],
-                                            ckpt.get("interpolation", "area")))
+                                            ckpt["interpolation"]))
     feats = penultimate_features(model, images)
     classes = ckpt["classes"]
     tsne_plot(feats, [classes[i] for i in part["y_true"]], out_png, seed,

@@ -3,10 +3,12 @@
 A checkpoint is a ``torch.save`` dict::
 
     {"state_dict": ..., "model_cfg": {...}, "classes": [...], "image_size": int,
-     "epoch": int, "meta": {...}}
+     "interpolation": str, "epoch": int, "meta": {...}}
 
 ``model_cfg`` is the model's config group (``conf/model/<name>.yaml``) exactly as trained, so a
-checkpoint rebuilds its model without the params file that produced it.
+checkpoint rebuilds its model without the params file that produced it. ``interpolation`` is
+how its frames were resized (``dataset.resize_interpolation``); checkpoints written before the
+key existed were all trained on ``area``, which ``load_checkpoint`` fills in.
 """
 
 from __future__ import annotations
@@ -20,14 +22,14 @@ from torch import nn
 
 
 def save_checkpoint(path: str | Path, model: nn.Module, *, model_cfg: dict, classes: list[str],
-                    image_size: int, **extra: Any) -> None:
+                    image_size: int, interpolation: str = "area", **extra: Any) -> None:
     """Write a checkpoint atomically (temporary file + rename), so a killed run never leaves a
     truncated file that a later run would load."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     payload = {"state_dict": {k: v.detach().cpu() for k, v in model.state_dict().items()},
                "model_cfg": model_cfg, "classes": list(classes), "image_size": int(image_size),
-               **extra}
+               "interpolation": interpolation, **extra}
     tmp = path.with_suffix(path.suffix + ".tmp")
     torch.save(payload, tmp)
     os.replace(tmp, path)
@@ -38,7 +40,9 @@ def load_checkpoint(path: str | Path) -> dict:
     if not path.is_file():
         raise FileNotFoundError(f"checkpoint {path} does not exist: run the train stage first "
                                 f"(dvc repro) or pass the path of a trained model")
-    return torch.load(path, map_location="cpu", weights_only=False)
+    ckpt = torch.load(path, map_location="cpu", weights_only=False)
+    ckpt.setdefault("interpolation", "area")
+    return ckpt
 
 
 def load_model(path: str | Path) -> tuple[nn.Module, dict]:

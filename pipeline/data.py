@@ -34,12 +34,21 @@ CACHE_DIR = Path(".cache/frames")
 INTERPOLATIONS = {"area": cv2.INTER_AREA, "nearest": cv2.INTER_NEAREST, "linear": cv2.INTER_LINEAR}
 
 
+def interpolation_of(ds: Mapping) -> str:
+    """The dataset config's ``resize_interpolation`` (``area`` where a config predates it)."""
+    return str(ds.get("resize_interpolation", "area"))
+
+
+def _cv2_interpolation(name: str) -> int:
+    if name not in INTERPOLATIONS:
+        raise ValueError(f"dataset.resize_interpolation={name!r}: use one of "
+                         f"{', '.join(INTERPOLATIONS)}")
+    return INTERPOLATIONS[name]
+
+
 def resize_square(img: np.ndarray, image_size: int, interpolation: str = "area") -> np.ndarray:
     """``img`` resized to ``image_size`` x ``image_size`` (aspect ratio not kept, as the study)."""
-    if interpolation not in INTERPOLATIONS:
-        raise ValueError(f"dataset.resize_interpolation={interpolation!r}: use one of "
-                         f"{', '.join(INTERPOLATIONS)}")
-    return cv2.resize(img, (image_size, image_size), interpolation=INTERPOLATIONS[interpolation])
+    return cv2.resize(img, (image_size, image_size), interpolation=_cv2_interpolation(interpolation))
 
 
 def used_frames(frames_dir: str | Path) -> pd.DataFrame:
@@ -74,7 +83,7 @@ def fold_frames(frames: pd.DataFrame, splits: pd.DataFrame, fold: int, split: st
 def decode_frames(paths: Sequence[str | Path], image_size: int,
                   interpolation: str = "area") -> np.ndarray:
     """Read frame images into an ``N x 3 x S x S`` uint8 RGB array (``resize_square``)."""
-    resize_square(np.zeros((1, 1, 3), np.uint8), 1, interpolation)  # a bad name fails up front
+    _cv2_interpolation(interpolation)  # a bad name fails before any file is read
     out = np.empty((len(paths), 3, image_size, image_size), dtype=np.uint8)
     for i, p in enumerate(paths):
         img = cv2.imread(str(p), cv2.IMREAD_COLOR)
@@ -115,6 +124,7 @@ class FrameStore:
     def __init__(self, frames_dir: str | Path, frames: pd.DataFrame, image_size: int,
                  interpolation: str = "area"):
         self.frames = frames.reset_index(drop=True)
+        self.interpolation = interpolation
         self.index = {n: i for i, n in enumerate(self.frames["frame"])}
         self.array = cached_frames(frames_dir, list(self.frames["frame"]), image_size,
                                    interpolation=interpolation)
@@ -136,7 +146,7 @@ def load_split_images(fold: int, split: str, image_size: int, limit: int | None 
     if limit and len(part) > limit:
         part = part.iloc[np.linspace(0, len(part) - 1, limit).round().astype(int)]
     images = decode_frames([Path(ds["frames_dir"]) / n for n in part["frame"]], image_size,
-                           ds.get("resize_interpolation", "area"))
+                           interpolation_of(ds))
     return torch.from_numpy(images), torch.as_tensor(part["label"].to_numpy(), dtype=torch.long)
 
 

@@ -264,7 +264,7 @@ def gradcam_grid(run_dir: str | Path, frames_per_class: int = 4, out_png: str | 
             rgb = _read_rgb(frames_dir / row["frame"])
             note, flat = "", False
             try:
-                cam = compute_cam(model, _model_input(rgb, int(ckpt["image_size"]), ckpt.get("interpolation", "area")), r)
+                cam = compute_cam(model, _model_input(rgb, int(ckpt["image_size"]), ckpt["interpolation"]), r)
                 flat = float(cam.max()) == 0.0  # no location raises the class's logit
                 shown = overlay(rgb, cam)
             except CamUnavailable as exc:

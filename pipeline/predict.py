@@ -207,7 +207,7 @@ def load_fold_models(run_dir: str | Path, backend: str = "torch",
                                f"{first['classes']} at {first['image_size']} px; retrain the run "
                                f"(dvc repro)")
     info = {"classes": list(first["classes"]), "image_size": int(first["image_size"]),
-            "interpolation": first.get("interpolation", "area"),
+            "interpolation": first["interpolation"],
             "arch": first.get("model_cfg", {}).get("arch", ""),
             "checkpoints": {k: str(p) for k, p in checkpoints.items()},
             "model_files": {k: str(p) for k, p in files.items()}}

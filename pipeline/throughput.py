@@ -130,11 +130,11 @@ def main(argv: Sequence[str] | None = None) -> None:
     params = apply_overrides(params, args.set)
     models = args.models or list(get(params, "grid.models"))
     size = int(get(params, "train.image_size"))
-    from pipeline.data import FrameStore, used_frames
+    from pipeline.data import FrameStore, interpolation_of, used_frames
 
     ds = get(params, "dataset")
     frames = used_frames(ds["frames_dir"])
-    store = FrameStore(ds["frames_dir"], frames, size, ds.get("resize_interpolation", "area"))
+    store = FrameStore(ds["frames_dir"], frames, size, interpolation_of(ds))
     real = store.tensor(list(frames["frame"]))
     rows: list[dict] = []
     result = {"device": device_info(), "image_size": size, "rows": rows}

@@ -30,7 +30,8 @@ import torch
 
 from pipeline.checkpoint import save_checkpoint
 from pipeline.config import ConfigError, apply_overrides, get, load_params, select_run
-from pipeline.data import FrameStore, augment_batch, fold_frames, subsample_per_source, used_frames
+from pipeline.data import (FrameStore, augment_batch, fold_frames, interpolation_of,
+                           subsample_per_source, used_frames)
 from pipeline.tracking import Tracker, standard_tags
 
 log = logging.getLogger("pipeline.train")
@@ -258,7 +259,7 @@ def train_fold(params: Mapping, model_name: str, loss_name: str, fold: int, stor
         fold_dir = out_dir / f"fold_{fold}"
         save_checkpoint(fold_dir / "best.pt", model, model_cfg=model_cfg, classes=classes,
                         image_size=int(tcfg["image_size"]), epoch=state["best_epoch"],
-                        interpolation=get(params, "dataset").get("resize_interpolation", "area"),
+                        interpolation=store.interpolation,
                         meta={"model": model_name, "loss": loss_name, "fold": fold, "seed": seed})
         pd.DataFrame(state["history"]).to_csv(fold_dir / "history.csv", index=False)
 
@@ -324,8 +325,7 @@ def run(params: Mapping, model_name: str, loss_name: str, folds: Sequence[int],
     unknown = sorted(set(folds) - set(splits["fold"]))
     if unknown:
         raise ConfigError(f"folds {unknown} do not exist (splits have {sorted(splits['fold'].unique())})")
-    store = FrameStore(ds["frames_dir"], frames, int(tcfg["image_size"]),
-                       ds.get("resize_interpolation", "area"))
+    store = FrameStore(ds["frames_dir"], frames, int(tcfg["image_size"]), interpolation_of(ds))
     out_dir = out_root / f"{model_name}-{loss_name}"
     out_dir.mkdir(parents=True, exist_ok=True)
 

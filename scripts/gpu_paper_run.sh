@@ -31,7 +31,7 @@ fi
 
 python3 -m pipeline.config experiment=paper ${EXTRA:-} > params.yaml
 # Decode the 224-px frame cache once, before the workers start.
-python3 -c 'from pipeline.config import load_params; from pipeline.data import FrameStore, used_frames; p=load_params(); d=p["dataset"]; FrameStore(d["frames_dir"], used_frames(d["frames_dir"]), p["train"]["image_size"], d.get("resize_interpolation", "area"))'
+python3 -c 'from pipeline.config import load_params; from pipeline.data import FrameStore, interpolation_of, used_frames; p=load_params(); d=p["dataset"]; FrameStore(d["frames_dir"], used_frames(d["frames_dir"]), p["train"]["image_size"], interpolation_of(d))'
 
 MODELS=$(python3 -c 'from pipeline.config import load_params; print(" ".join(load_params()["grid"]["models"]))')
 if [ -n "${JOBS:-}" ]; then
