@@ -171,9 +171,10 @@ def throughput_table(dest: Path) -> None:
             + pd.DataFrame(rows).to_markdown(index=False) + "\n")
 
 
-def run_stages(work: Path, stages: list[str]) -> None:
-    # DVC_ROOT: the provenance line names this checkout's code revision.
-    env = {**os.environ, "PYTHONPATH": str(ROOT), "DVC_ROOT": str(ROOT)}
+def run_stages(work: Path, stages: list[str], dvc_root: Path = ROOT) -> None:
+    """This checkout's stage code in ``work``. ``DVC_ROOT`` is what relative data sources resolve
+    against and whose code revision the provenance lines name (this checkout by default)."""
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "DVC_ROOT": str(dvc_root)}
     for stage in stages:
         subprocess.run([sys.executable, "-m", f"pipeline.{stage}"], cwd=work, env=env, check=True)
 
@@ -267,15 +268,11 @@ def collect_experiment(archive: Path, dest: Path, overrides: list[str], code_rev
                                           "binary.tsne=false", *overrides])
         device_params = (work / "params.yaml").read_text()
         (work / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
-        for name in ("checksums",):
-            target = work / params["dataset"][name]
-            target.parent.mkdir(parents=True, exist_ok=True)
-            shutil.copy(ROOT / params["dataset"][name], target)
+        checksums = work / params["dataset"]["checksums"]
+        checksums.parent.mkdir(parents=True, exist_ok=True)
+        shutil.copy(ROOT / params["dataset"]["checksums"], checksums)
         shutil.copytree(ROOT / "data" / "published", work / "data" / "published", dirs_exist_ok=True)
-        env_root = {**os.environ, "PYTHONPATH": str(ROOT), "DVC_ROOT": str(work)}
-        for stage in ("fetch_data", "extract_frames", "split_folds"):
-            subprocess.run([sys.executable, "-m", f"pipeline.{stage}"], cwd=work, env=env_root,
-                           check=True)
+        run_stages(work, ["fetch_data", "extract_frames", "split_folds"], dvc_root=work)
         run_stages(work, ["evaluate", "binary_eval", "report"])
         run_info = {c.name: json.loads((c / "run.json").read_text())
                     for c in sorted((work / "models").iterdir()) if (c / "run.json").is_file()}
@@ -294,14 +291,12 @@ def collect_experiment(archive: Path, dest: Path, overrides: list[str], code_rev
         shutil.copytree(work / "reports", dest, ignore=shutil.ignore_patterns("plots"))
         (dest / "params.yaml").write_text(device_params)
         shutil.copy(archive, dest / archive.name)  # the raw per-fold outputs, for re-evaluation
-        for name in ("run.log",):
-            if (work / name).is_file():
-                shutil.copy(work / name, dest / name)
-        for cell, info in run_info.items():
+        if (work / "run.log").is_file():
+            shutil.copy(work / "run.log", dest / "run.log")
+        for cell in run_info:
             shutil.copy(work / "models" / cell / "metrics.json", dest / f"metrics_{cell}.json")
-            for f in ("history.csv",):
-                for fold in sorted((work / "models" / cell).glob("fold_*")):
-                    shutil.copy(fold / f, dest / f"{f.split('.')[0]}_{cell}_{fold.name}.csv")
+            for fold in sorted((work / "models" / cell).glob("fold_*")):
+                shutil.copy(fold / "history.csv", dest / f"history_{cell}_{fold.name}.csv")
         return {"cells": list(run_info), "gpu": gpu}
 
 
