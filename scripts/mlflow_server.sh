@@ -20,27 +20,15 @@
 # MLFLOW_PORT picks the port (default 5000); MLFLOW_SERVER_DRY_RUN=1 prints the command instead.
 set -euo pipefail
 cd "$(dirname "$0")/.."
-root="$(pwd)"
-host="${MLFLOW_HOST:-127.0.0.1}"
-port="${MLFLOW_PORT:-5000}"
+. scripts/mlflow_common.sh
 backend="${MLFLOW_BACKEND_URI:-sqlite:///$root/mlruns/server/mlflow.db}"
 artifacts="${MLFLOW_ARTIFACTS_DESTINATION:-$root/mlruns/server/artifacts}"
-mlflow_bin="mlflow"
-[ -x .venv/bin/mlflow ] && mlflow_bin="$root/.venv/bin/mlflow"
 
 cmd=("$mlflow_bin" server
      --backend-store-uri "$backend"
      --serve-artifacts --artifacts-destination "$artifacts"
      --host "$host" --port "$port" "$@")
-
-case "$host" in
-  127.0.0.1|localhost|::1) ;;
-  *) echo "WARNING: MLflow server on $host:$port is reachable from the network and has no" \
-          "authentication; keep it on a trusted network (see --allowed-hosts)." >&2 ;;
-esac
-
-# No telemetry from the server either (as pipeline/tracking.py sets for the runs).
-export MLFLOW_DISABLE_TELEMETRY=true DO_NOT_TRACK=true
+warn_if_exposed server "keep it on a trusted network (see --allowed-hosts)."
 
 if [ "${MLFLOW_SERVER_DRY_RUN:-0}" = "1" ]; then
   echo "${cmd[*]}"

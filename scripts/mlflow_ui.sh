@@ -9,25 +9,13 @@
 # MLFLOW_PORT picks the port (default 5000); MLFLOW_UI_DRY_RUN=1 prints the command instead.
 set -euo pipefail
 cd "$(dirname "$0")/.."
-root="$(pwd)"
-host="${MLFLOW_HOST:-127.0.0.1}"
-port="${MLFLOW_PORT:-5000}"
-mlflow_bin="mlflow"
-[ -x .venv/bin/mlflow ] && mlflow_bin="$root/.venv/bin/mlflow"
+. scripts/mlflow_common.sh
 
 cmd=("$mlflow_bin" ui
      --backend-store-uri "sqlite:///$root/mlruns/mlflow.db"
      --default-artifact-root "$root/mlruns/artifacts"
      --host "$host" --port "$port" "$@")
-
-case "$host" in
-  127.0.0.1|localhost|::1) ;;
-  *) echo "WARNING: MLflow UI on $host:$port is reachable from the network and has no" \
-          "authentication; restrict it with --allowed-hosts / --cors-allowed-origins." >&2 ;;
-esac
-
-# No telemetry from the UI either (as pipeline/tracking.py sets for the runs).
-export MLFLOW_DISABLE_TELEMETRY=true DO_NOT_TRACK=true
+warn_if_exposed UI "restrict it with --allowed-hosts / --cors-allowed-origins."
 
 if [ "${MLFLOW_UI_DRY_RUN:-0}" = "1" ]; then
   echo "${cmd[*]}"
