@@ -45,6 +45,8 @@ FOLD_RE = re.compile(r"models/([^/]+)/fold_(\d+)/([^/]+)$")
 
 
 def gpu_name(machine_txt: str) -> str:
+    """The device of ``gpu_paper_run.sh``'s machine.txt: a GPU name, or ``CPU <model> (<n> cores)``
+    where the script trained without a GPU."""
     lines = machine_txt.splitlines()
     return lines[1].split(",")[0].strip() if len(lines) > 1 else "unknown GPU"
 
@@ -218,7 +220,8 @@ def collect_paper(sources: list[Path], dest: Path) -> dict:
                 (cell / "run.json").write_text(json.dumps({
                     "model": m, "loss": loss, "folds": list(range(k)), "init": "none (from scratch)",
                     "validation": params["folds"]["validation"], "leaky_validation": False,
-                    "device": "cuda", "device_name": " + ".join(cell_gpus), "profile": "paper",
+                    "device": " + ".join(sorted({"cpu" if g.startswith("CPU ") else "cuda" for g in cell_gpus})),
+                    "device_name": " + ".join(cell_gpus), "profile": "paper",
                     "image_size": 224, "epochs": 50, "max_frames_per_source": None}, indent=2))
         p = apply_overrides(params, [f"grid.models=[{','.join(complete)}]"])
         (work / "params.yaml").write_text(yaml.safe_dump(p, sort_keys=False))

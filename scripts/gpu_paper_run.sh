@@ -10,7 +10,7 @@
 # training), machine.txt, log.txt and done.txt. `scripts/collect_gpu_run.py` reads them.
 #
 # usage: [JOBS=jobs.txt] [BENCH_MODELS="a b"] [OUT=dir] \
-#          bash scripts/gpu_paper_run.sh [deadline_s=480] [parallel=12] [bench_s=60]
+#          bash scripts/gpu_paper_run.sh [deadline_s=480] [parallel=12] [bench_s=60 (0: no benchmark)]
 #   JOBS: lines "model loss fold" to run (default: every model x loss x fold of the grid)
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -19,7 +19,12 @@ OUT=${OUT:-$PWD/gpu_out}; mkdir -p "$OUT"
 WORK=$(mktemp -d /tmp/paper_run_XXXX)  # logs, partial histories and the benchmark, packed at the end
 START=$(date +%s)
 export PYTHONUNBUFFERED=1 MLFLOW_DISABLE_TELEMETRY=true DVC_NO_ANALYTICS=1
-{ nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv; python3 -c 'import torch, timm; print("torch", torch.__version__, "timm", timm.__version__)'; nproc; } > "$OUT/machine.txt" 2>&1
+# machine.txt line 2 names the device (scripts/collect_gpu_run.py): the GPU, or the CPU on a machine
+# without one (the same script then trains on the CPU).
+{ if command -v nvidia-smi >/dev/null 2>&1; then nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv
+  else echo "name, memory.total, driver_version"
+       echo "CPU $(lscpu | sed -n 's/^Model name: *//p' | head -1) ($(nproc) cores), $(free -m | awk '/^Mem:/{print $2}') MiB, none"; fi
+  python3 -c 'import torch, timm; print("torch", torch.__version__, "timm", timm.__version__)'; nproc; } > "$OUT/machine.txt" 2>&1
 # MPS lets kernels of the concurrent processes share the GPU instead of time-slicing it.
 if command -v nvidia-cuda-mps-control >/dev/null 2>&1 && nvidia-cuda-mps-control -d; then
   if timeout 60 python3 -c 'import torch; torch.zeros(1).cuda(); torch.cuda.synchronize()'; then
@@ -55,7 +60,7 @@ echo "grid wall: $(( $(date +%s) - GRID_START ))s" | tee -a "$OUT/log.txt"
 # Folds cut off by the deadline: their per-epoch history from the resume state.
 python3 scripts/resume_histories.py "$WORK/partial" >> "$OUT/log.txt" 2>&1
 
-timeout --signal=KILL "$BENCH" python3 -m pipeline.throughput --experiment params \
+[ "$BENCH" -gt 0 ] && timeout --signal=KILL "$BENCH" python3 -m pipeline.throughput --experiment params \
   --models ${BENCH_MODELS:-$MODELS} --batch-sizes 16 128 --steps 20 --warmup 5 \
   --out "$WORK/throughput" >> "$OUT/log.txt" 2>&1
 flock "$WORK/tar.lock" tar rf "$OUT/results.tar" -C "$WORK" partial $(cd "$WORK" && ls throughput.* 2>/dev/null)
