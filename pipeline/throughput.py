@@ -4,8 +4,10 @@
 times ``pipeline.train.train_step`` (uint8 frames already on the device, gathered, scaled and
 augmented there, bf16 autocast and channels-last on CUDA) against the same model fed one
 pre-made random float batch with no augmentation (the reference measurement of REFERENCE.md).
-The ratio says how much the data path costs. Results go to ``<out>.json`` and ``<out>.md`` with
-the device described.
+The ratio says how much the data path costs. ``--cuda-graph both`` times every model with eager
+steps and with the step replayed from a CUDA graph (``train.cuda_graph``, ``pipeline/steps.py``);
+by default the configuration's setting is used. The optimizer is the train stage's (fused Adam on
+CUDA). Results go to ``<out>.json`` and ``<out>.md`` with the device described.
 """
 
 from __future__ import annotations
@@ -22,6 +24,7 @@ from pathlib import Path
 import torch
 
 from pipeline.config import apply_overrides, compose, get, load_params
+from pipeline.steps import CudaGraphStep, make_adam, optimize_step
 from pipeline.train import pick_device, train_step
 
 log = logging.getLogger("pipeline.throughput")
@@ -33,8 +36,10 @@ def _sync(device: torch.device) -> None:
 
 
 def measure(params: Mapping, model_name: str, batch_size: int, source: str, steps: int,
-            warmup: int, frames: torch.Tensor | None = None) -> dict:
-    """Images/s of training steps of one model on ``source`` = ``real`` or ``random``."""
+            warmup: int, frames: torch.Tensor | None = None, cuda_graph: bool = False) -> dict:
+    """Images/s of training steps of one model on ``source`` = ``real`` or ``random``; with
+    ``cuda_graph`` (CUDA only) the step is captured once and replayed, the capture and its
+    warm-up steps outside the timed steps."""
     from pipeline.losses import build_loss
     from pipeline.models import build_model
 
@@ -51,7 +56,12 @@ def measure(params: Mapping, model_name: str, batch_size: int, source: str, step
         model = model.to(memory_format=torch.channels_last)
     model.train()
     loss_fn = build_loss({"name": "ce"}, num_classes=3).to(device)
-    opt = torch.optim.Adam([p for p in model.parameters() if p.requires_grad], lr=1e-4)
+    graph_on = cuda_graph and device.type == "cuda"
+    opt = make_adam([p for p in model.parameters() if p.requires_grad], 1e-4, (0.9, 0.999), 0.0,
+                    device, cuda_graph=graph_on)
+    graph = CudaGraphStep(model, loss_fn, opt, batch_size, amp) if graph_on else None
+    if graph is not None:
+        warmup = max(warmup, graph.warmup + 1)
     gen = torch.Generator().manual_seed(0)
     if source == "real":
         if frames is None:
@@ -68,14 +78,11 @@ def measure(params: Mapping, model_name: str, batch_size: int, source: str, step
         if source == "real":
             idx = torch.randint(0, len(pool), (batch_size,), generator=gen)
             train_step(model, loss_fn, opt, pool[idx], labels[idx], tcfg["augment"], gen, device,
-                       amp, cl)
+                       amp, cl, graph)
+        elif graph is not None:
+            graph(x_fixed, y_fixed)
         else:
-            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp):
-                out = model(x_fixed)
-            loss = loss_fn(out.float(), y_fixed)
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
+            optimize_step(model, loss_fn, opt, x_fixed, y_fixed, amp)
 
     for _ in range(warmup):
         step()
@@ -87,7 +94,7 @@ def measure(params: Mapping, model_name: str, batch_size: int, source: str, step
     seconds = time.perf_counter() - started
     return {"model": model_name, "source": source, "batch_size": batch_size, "image_size": size,
             "steps": steps, "seconds": seconds, "images_per_s": steps * batch_size / seconds,
-            "amp_bf16": amp, "channels_last": cl}
+            "amp_bf16": amp, "channels_last": cl, "cuda_graph": graph is not None and graph.captured}
 
 
 def device_info() -> dict:
@@ -100,11 +107,17 @@ def device_info() -> dict:
     return info
 
 
+def step_kind(row: Mapping) -> str:
+    """``eager`` or ``cuda graph``: how a throughput row's steps ran (older rows: eager)."""
+    return "cuda graph" if row.get("cuda_graph") else "eager"
+
+
 def to_markdown(result: Mapping) -> str:
-    rows = ["| model | batch | real data img/s | random img/s | random / real |", "|---|---|---|---|---|"]
+    rows = ["| model | batch | step | real data img/s | random img/s | random / real |",
+            "|---|---|---|---|---|---|"]
     for r in result["rows"]:
-        rows.append(f"| {r['model']} | {r['batch_size']} | {r['real']:.0f} | {r['random']:.0f} | "
-                    f"{r['random'] / r['real']:.2f} |")
+        rows.append(f"| {r['model']} | {r['batch_size']} | {step_kind(r)} | {r['real']:.0f} | "
+                    f"{r['random']:.0f} | {r['random'] / r['real']:.2f} |")
     d = result["device"]
     head = (f"# Training throughput\n\nDevice: {d.get('gpu', 'no GPU')}; CPU {d['cpu']} "
             f"({d['cores']} cores); torch {d['torch']}. Image size {result['image_size']} px, "
@@ -124,6 +137,9 @@ def main(argv: Sequence[str] | None = None) -> None:
     ap.add_argument("--experiment", default="paper", help="conf/experiment to compose (or 'params' "
                     "to read params.yaml)")
     ap.add_argument("--set", nargs="*", default=[], help="key=value overrides")
+    ap.add_argument("--cuda-graph", choices=["config", "both"], default="config",
+                    help="'config': train.cuda_graph as configured; 'both': every row eager and "
+                    "replayed from a CUDA graph (CUDA only)")
     ap.add_argument("--out", default="reports/throughput")
     args = ap.parse_args(argv)
     params = load_params() if args.experiment == "params" else compose([f"experiment={args.experiment}"])
@@ -140,17 +156,23 @@ def main(argv: Sequence[str] | None = None) -> None:
     result = {"device": device_info(), "image_size": size, "rows": rows}
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
+    modes = [False, True] if args.cuda_graph == "both" else [bool(get(params, "train.cuda_graph"))]
+    if any(modes) and pick_device(str(get(params, "train.device"))).type != "cuda":
+        log.info("CUDA graphs need a CUDA device: eager steps only")
+        modes = [False]
     for model in models:
         for bs in args.batch_sizes:
-            r = measure(params, model, bs, "real", args.steps, args.warmup, real)
-            q = measure(params, model, bs, "random", args.steps, args.warmup)
-            rows.append({"model": model, "batch_size": bs, "real": r["images_per_s"],
-                         "random": q["images_per_s"], "detail": [r, q]})
-            log.info("%s batch %d: real %.0f img/s, random %.0f img/s", model, bs,
-                     r["images_per_s"], q["images_per_s"])
-            # Written after every row: a run stopped at a deadline keeps what it measured.
-            out.with_suffix(".json").write_text(json.dumps(result, indent=2) + "\n")
-            out.with_suffix(".md").write_text(to_markdown(result))
+            for graph in modes:
+                r = measure(params, model, bs, "real", args.steps, args.warmup, real, graph)
+                q = measure(params, model, bs, "random", args.steps, args.warmup, None, graph)
+                rows.append({"model": model, "batch_size": bs, "real": r["images_per_s"],
+                             "random": q["images_per_s"],
+                             "cuda_graph": r["cuda_graph"] and q["cuda_graph"], "detail": [r, q]})
+                log.info("%s batch %d, %s: real %.0f img/s, random %.0f img/s", model, bs,
+                         step_kind(rows[-1]), r["images_per_s"], q["images_per_s"])
+                # Written after every row: a run stopped at a deadline keeps what it measured.
+                out.with_suffix(".json").write_text(json.dumps(result, indent=2) + "\n")
+                out.with_suffix(".md").write_text(to_markdown(result))
 
 
 if __name__ == "__main__":

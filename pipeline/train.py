@@ -32,6 +32,8 @@ from pipeline.checkpoint import save_checkpoint
 from pipeline.config import ConfigError, apply_overrides, get, load_params, select_run
 from pipeline.data import (FrameStore, augment_batch, fold_frames, interpolation_of,
                            subsample_per_source, used_frames)
+from pipeline.steps import (CudaGraphStep, current_lr, lr_to_device, make_adam, optimize_step,
+                            set_lr)
 from pipeline.tracking import Tracker, standard_tags
 
 log = logging.getLogger("pipeline.train")
@@ -96,19 +98,17 @@ def milestones_passed(milestones: Sequence[int], epoch: int) -> int:
 
 def train_step(model: torch.nn.Module, loss_fn: torch.nn.Module, optimizer: torch.optim.Optimizer,
                x_uint8: torch.Tensor, y: torch.Tensor, augment: Mapping, generator: torch.Generator,
-               device: torch.device, amp: bool, channels_last: bool) -> tuple[torch.Tensor, torch.Tensor]:
-    """One optimisation step on a uint8 batch: scale, augment on the batch's device, forward
-    (bf16 autocast when ``amp``), backward, step. Returns the detached loss and the number of
-    correct predictions, both still on the device. The throughput benchmark times this too."""
+               device: torch.device, amp: bool, channels_last: bool,
+               graph: CudaGraphStep | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """One optimisation step on a uint8 batch: scale, augment on the batch's device, then
+    forward (bf16 autocast when ``amp``), backward, update, eagerly or replayed from ``graph``.
+    Returns the detached loss and the number of correct predictions, both still on the device.
+    The throughput benchmark times this too."""
     x = augment_batch(_to_input(x_uint8, device, channels_last), augment, generator)
     y = y.to(device, non_blocking=True)
-    with torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp):
-        logits = model(x)
-    loss = loss_fn(logits.float(), y)
-    optimizer.zero_grad(set_to_none=True)
-    loss.backward()
-    optimizer.step()
-    return loss.detach(), (logits.argmax(1) == y).sum()
+    if graph is not None:
+        return graph(x, y)
+    return optimize_step(model, loss_fn, optimizer, x, y, amp)
 
 
 def evaluate_loss(model, loss_fn, images, labels, device, batch_size, amp, channels_last):
@@ -168,11 +168,12 @@ def train_fold(params: Mapping, model_name: str, loss_name: str, fold: int, stor
     if opt_cfg["name"] != "adam":
         raise ConfigError(f"train.optimizer.name={opt_cfg['name']!r}: only 'adam' is implemented")
     trainable = [p for p in model.parameters() if p.requires_grad]
-    # fused: one kernel for the whole update instead of several per parameter tensor, which
-    # matters at batch 16 where a step is bound by kernel launches.
-    optimizer = torch.optim.Adam(trainable, lr=float(opt_cfg["lr"]), betas=tuple(opt_cfg["betas"]),
-                                 weight_decay=float(opt_cfg["weight_decay"]),
-                                 fused=device.type == "cuda")
+    use_graph = bool(tcfg.get("cuda_graph", False))
+    if use_graph and device.type != "cuda":
+        log.info("train.cuda_graph is for CUDA devices; eager steps on %s", device)
+        use_graph = False
+    optimizer = make_adam(trainable, float(opt_cfg["lr"]), tuple(opt_cfg["betas"]),
+                          float(opt_cfg["weight_decay"]), device, cuda_graph=use_graph)
 
     key = run_key(model_cfg, loss_cfg, dict(tcfg), get(params, "folds"), seed, fold,
                   list(parts["train"]["frame"]))
@@ -184,6 +185,7 @@ def train_fold(params: Mapping, model_name: str, loss_name: str, fold: int, stor
         saved = torch.load(resume_path, map_location="cpu", weights_only=False)
         model.load_state_dict(saved["model"])
         optimizer.load_state_dict(saved["optimizer"])
+        lr_to_device(optimizer, device)
         state = saved["state"]
         log.info("fold %d: resuming after epoch %d from %s", fold, state["epoch"] + 1, resume_path)
 
@@ -193,6 +195,7 @@ def train_fold(params: Mapping, model_name: str, loss_name: str, fold: int, stor
     milestones, step_factor = lr_milestones(tcfg)
     bs = int(tcfg["batch_size"])
     n_train = len(images["train"])
+    graph = CudaGraphStep(model, loss_fn, optimizer, bs, amp) if use_graph else None
     with tracker.run(f"fold_{fold}", nested=True, tags={"fold": str(fold)}):
         for h in state["history"]:  # a resumed run re-logs the epochs it already has
             tracker.log_metrics({k: v for k, v in h.items() if k != "epoch"}, step=h["epoch"])
@@ -211,11 +214,10 @@ def train_fold(params: Mapping, model_name: str, loss_name: str, fold: int, stor
             for idx in _batches(n_train, bs, gen):
                 if len(idx) < 2:  # BatchNorm cannot train on a batch of one
                     continue
-                for g in optimizer.param_groups:
-                    g["lr"] = base_lr * scale / (1.0 + decay * state["step"])
+                set_lr(optimizer, base_lr * scale / (1.0 + decay * state["step"]))
                 loss, n_correct = train_step(model, loss_fn, optimizer, images["train"][idx],
                                              labels["train"][idx], tcfg["augment"], gen, device,
-                                             amp, channels_last)
+                                             amp, channels_last, graph)
                 state["step"] += 1
                 total += loss * len(idx)
                 correct += n_correct
@@ -227,7 +229,7 @@ def train_fold(params: Mapping, model_name: str, loss_name: str, fold: int, stor
             state["train_seconds"] += seconds
             row = {"epoch": epoch, "train_loss": total / max(seen, 1),
                    "train_accuracy": correct / max(seen, 1), "val_loss": val_loss,
-                   "val_accuracy": val_acc, "lr": optimizer.param_groups[0]["lr"], "seconds": seconds}
+                   "val_accuracy": val_acc, "lr": current_lr(optimizer), "seconds": seconds}
             state["history"].append(row)
             tracker.log_metrics({k: v for k, v in row.items() if k != "epoch"}, step=epoch)
             log.info("fold %d epoch %d/%d: train loss %.4f acc %.3f | val loss %.4f acc %.3f | %.1fs",
@@ -280,6 +282,9 @@ def train_fold(params: Mapping, model_name: str, loss_name: str, fold: int, stor
         fold_record = {"fold": fold, "best_epoch": state["best_epoch"],
                        "epochs_run": len(state["history"]), "train_seconds": state["train_seconds"],
                        "metrics": m}
+        if graph is not None:  # how the steps ran: captured and replayed, or eager
+            fold_record["cuda_graph"] = {"captured": graph.captured, "failed": graph.failed,
+                                         "steps": dict(graph.calls)}
         (fold_dir / "metrics.json").write_text(json.dumps(fold_record, indent=2) + "\n")
         tracker.log_metrics({f"test.{k}": v for k, v in metrics_to_flat(m).items()})
         tracker.log_metrics({"train_seconds": state["train_seconds"],

@@ -9,7 +9,7 @@
 # back at most 8 files, at most 2 folders down: $OUT holds results.tar, logs.tgz (one log per
 # training), machine.txt, log.txt and done.txt. `scripts/collect_gpu_run.py` reads them.
 #
-# usage: [JOBS=jobs.txt] [BENCH_MODELS="a b"] [OUT=dir] \
+# usage: [JOBS=jobs.txt] [BENCH_MODELS="a b"] [BENCH_ARGS="--cuda-graph both"] [EXTRA="key=value ..."] [OUT=dir] \
 #          bash scripts/gpu_paper_run.sh [deadline_s=480] [parallel=12] [bench_s=60 (0: no benchmark)]
 #   JOBS: lines "model loss fold" to run (default: every model x loss x fold of the grid)
 set -uo pipefail
@@ -61,7 +61,7 @@ echo "grid wall: $(( $(date +%s) - GRID_START ))s" | tee -a "$OUT/log.txt"
 python3 scripts/resume_histories.py "$WORK/partial" >> "$OUT/log.txt" 2>&1
 
 [ "$BENCH" -gt 0 ] && timeout --signal=KILL "$BENCH" python3 -m pipeline.throughput --experiment params \
-  --models ${BENCH_MODELS:-$MODELS} --batch-sizes 16 128 --steps 20 --warmup 5 \
+  --models ${BENCH_MODELS:-$MODELS} --batch-sizes 16 128 --steps 20 --warmup 5 ${BENCH_ARGS:-} \
   --out "$WORK/throughput" >> "$OUT/log.txt" 2>&1
 flock "$WORK/tar.lock" tar rf "$OUT/results.tar" -C "$WORK" partial $(cd "$WORK" && ls throughput.* 2>/dev/null)
 tar czf "$OUT/logs.tgz" -C "$WORK" logs

@@ -9,7 +9,7 @@
 # The machine has no DVC/MLflow: wheels carried in .whl/ (hydra-core, omegaconf, antlr4, timm,
 # pytorchcv) go to /tmp/site; the PneumoniaMNIST npz is carried in .gpu/medmnist/.
 #
-# usage (device): [PMNIST=1] bash scripts/gpu_session.sh [deadline_s=540]
+# usage (device): [PMNIST=1] [GRAPH=1] bash scripts/gpu_session.sh [deadline_s=540]
 #   carry: data/frames data/folds .whl .gpu   (made here by scripts/gpu_prepare.sh; JOBS defaults
 #   to .gpu/jobs.txt, else every fold of the grid)
 set -uo pipefail
@@ -31,6 +31,16 @@ fi
   wait
 ) &
 [ -z "${JOBS:-}" ] && [ -f .gpu/jobs.txt ] && JOBS=.gpu/jobs.txt
+# GRAPH=1: train with the step replayed from a CUDA graph (train.cuda_graph) if the parity check
+# of pipeline/steps.py passes on this GPU (else eager), and benchmark both kinds of step.
+if [ "${GRAPH:-0}" = 1 ]; then
+  if python3 -m pipeline.steps --check >> "$OUT/log.txt" 2>&1; then
+    export EXTRA="${EXTRA:-} train.cuda_graph=true" BENCH_ARGS="--cuda-graph both"
+    echo "CUDA-graph parity check passed: train.cuda_graph=true" | tee -a "$OUT/log.txt"
+  else
+    echo "CUDA-graph parity check failed (log.txt): eager steps" | tee -a "$OUT/log.txt"
+  fi
+fi
 JOBS=${JOBS:-} BENCH_MODELS=${BENCH_MODELS:-"nasnet_mobile covid_caps covid_caps_scaled"} \
   bash scripts/gpu_paper_run.sh "$DEADLINE" 13 70
 wait
