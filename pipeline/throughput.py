@@ -94,7 +94,8 @@ def measure(params: Mapping, model_name: str, batch_size: int, source: str, step
     seconds = time.perf_counter() - started
     return {"model": model_name, "source": source, "batch_size": batch_size, "image_size": size,
             "steps": steps, "seconds": seconds, "images_per_s": steps * batch_size / seconds,
-            "amp_bf16": amp, "channels_last": cl, "cuda_graph": graph is not None and graph.captured}
+            "amp_bf16": amp, "channels_last": cl, "cuda_graph": graph is not None and graph.captured,
+            "optimizer": "adam fused" if opt.param_groups[0]["fused"] else "adam"}
 
 
 def device_info() -> dict:
@@ -107,6 +108,11 @@ def device_info() -> dict:
     return info
 
 
+def rate(images_per_s: float) -> float:
+    """Images/s as tables show them: whole numbers, one decimal below 10 (CPU rates)."""
+    return round(images_per_s) if images_per_s >= 10 else round(images_per_s, 1)
+
+
 def step_kind(row: Mapping) -> str:
     """``eager`` or ``cuda graph``: how a throughput row's steps ran (older rows: eager)."""
     return "cuda graph" if row.get("cuda_graph") else "eager"
@@ -116,8 +122,8 @@ def to_markdown(result: Mapping) -> str:
     rows = ["| model | batch | step | real data img/s | random img/s | random / real |",
             "|---|---|---|---|---|---|"]
     for r in result["rows"]:
-        rows.append(f"| {r['model']} | {r['batch_size']} | {step_kind(r)} | {r['real']:.0f} | "
-                    f"{r['random']:.0f} | {r['random'] / r['real']:.2f} |")
+        rows.append(f"| {r['model']} | {r['batch_size']} | {step_kind(r)} | {rate(r['real'])} | "
+                    f"{rate(r['random'])} | {r['random'] / r['real']:.2f} |")
     d = result["device"]
     head = (f"# Training throughput\n\nDevice: {d.get('gpu', 'no GPU')}; CPU {d['cpu']} "
             f"({d['cores']} cores); torch {d['torch']}. Image size {result['image_size']} px, "

@@ -38,7 +38,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from pipeline.config import apply_overrides, compose, resolve_path  # noqa: E402
-from pipeline.throughput import step_kind  # noqa: E402
+from pipeline.throughput import rate, step_kind  # noqa: E402
 from pipeline.train import summarize_cell  # noqa: E402
 
 FOLD_FILES = ("test_predictions.csv", "history.csv", "metrics.json")
@@ -163,8 +163,10 @@ def throughput_table(dest: Path) -> None:
             d = res["device"]
             rows.append({"device": d.get("gpu") or f"CPU {d.get('cpu', '')} ({d.get('cores', '?')} cores)",
                          "model": r["model"], "batch": r["batch_size"], "step": step_kind(r),
-                         "real data img/s": round(r["real"]),
-                         "random img/s": round(r["random"]),
+                         # rows measured before the benchmark used the train stage's fused Adam
+                         "optimizer": r["detail"][0].get(
+                             "optimizer", "adam (foreach)" if d.get("gpu") else "adam"),
+                         "real data img/s": rate(r["real"]), "random img/s": rate(r["random"]),
                          "random / real": round(r["random"] / r["real"], 2),
                          "source": str(path.relative_to(dest))})
     if rows:
