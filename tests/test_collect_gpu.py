@@ -97,3 +97,36 @@ def test_committed_pneumoniamnist_gpu_report_regenerates_from_its_archive(tmp_pa
     table = pd.read_csv(dest / "tables" / "table7_accuracy.csv")
     published = {28: (0.854, 0.944), 224: (0.864, 0.956)}[size]
     assert tuple(table[["published acc.", "published AUC"]].iloc[0]) == published
+
+
+def test_a_session_run_on_cpu_names_the_cpu(tmp_path):
+    """gpu_paper_run.sh on a machine without a GPU writes the CPU on machine.txt's device line."""
+    src = _session(tmp_path / "cpu", "CPU AMD EPYC (2 cores)", 1_795_840_000)
+    (src / "machine.txt").write_text("name, memory.total, driver_version\n"
+                                     "CPU AMD EPYC (2 cores), 24105 MiB, none\ntorch 2\n2\n")
+    sid = collect.ingest(src, tmp_path / "runs")
+    assert sid == "20261128T0426Z_CPU-AMD-EPYC-2-cores"
+    source = tmp_path / "runs" / "mini_covidnet-ce" / "fold_0" / "source.json"
+    assert json.loads(source.read_text())["gpu"] == "CPU AMD EPYC (2 cores)"
+
+
+def test_throughput_table_names_device_step_and_optimizer(tmp_path):
+    def result(device: dict, detail: dict, real: float) -> dict:
+        return {"device": device, "image_size": 224, "rows": [
+            {"model": "mini_covidnet", "batch_size": 16, "real": real, "random": real * 1.1,
+             **({"cuda_graph": True} if detail.get("cuda_graph") else {}), "detail": [detail]}]}
+
+    gpu = {"gpu": "NVIDIA H200", "cpu": "Xeon", "cores": 16}
+    cpu = {"cpu": "AMD EPYC", "cores": 2}
+    files = {"throughput.json": result(gpu, {}, 800.4),  # measured before the optimizer key
+             "throughput_graph.json": result(gpu, {"optimizer": "adam fused", "cuda_graph": True}, 3000),
+             "throughput_cpu.json": result(cpu, {}, 2.87)}
+    for name, res in files.items():
+        (tmp_path / name).write_text(json.dumps(res))
+    collect.throughput_table(tmp_path)
+    lines = (tmp_path / "throughput_224px.md").read_text().splitlines()
+    rows = [[c.strip() for c in line.strip("|").split("|")] for line in lines if "mini_covidnet" in line]
+    assert sorted(r[:7] for r in rows) == sorted([
+        ["CPU AMD EPYC (2 cores)", "mini_covidnet", "16", "eager", "adam", "2.9", "3.2"],
+        ["NVIDIA H200", "mini_covidnet", "16", "eager", "adam (foreach)", "800", "880"],
+        ["NVIDIA H200", "mini_covidnet", "16", "cuda graph", "adam fused", "3000", "3300"]])
