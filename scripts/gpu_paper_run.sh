@@ -50,7 +50,7 @@ LEFT=$(( DEADLINE - BENCH - ($(date +%s) - START) ))
 echo "grid: $(wc -l < "$WORK/jobs.txt") jobs, $PARALLEL at a time, ${LEFT}s" | tee -a "$OUT/log.txt"
 GRID_START=$(date +%s)
 # flock: one writer at a time appends to the shared tar.
-timeout --signal=KILL "$LEFT" xargs -P "$PARALLEL" -L 1 -a "$WORK/jobs.txt" sh -c '
+timeout --signal=KILL "$LEFT" xargs -r -P "$PARALLEL" -L 1 -a "$WORK/jobs.txt" sh -c '
   python3 -m pipeline.train model=$0 loss=$1 fold=$2 > "'"$WORK"'/logs/train_$0-$1-$2.log" 2>&1
   code=$?
   d=models/$0-$1/fold_$2
