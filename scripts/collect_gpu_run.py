@@ -116,7 +116,16 @@ def progress(params: dict, runs: Path) -> pd.DataFrame:
     """One row per (model, loss, fold) of the grid: done (outputs here), finished but outputs
     lost (the log's result only), cut off at a deadline (epochs reached), or not run."""
     rows = []
-    logs = {p.stem.removeprefix("train_"): p for p in sorted(runs.glob("sessions/*/logs/*.log"))}
+    # A job trained by several sessions: the log that finished, else the one that got furthest.
+    logs: dict[str, tuple[Path, list[float], re.Match | None]] = {}
+    for path in sorted(runs.glob("sessions/*/logs/*.log")):
+        text = path.read_text()
+        secs = [float(x.group(3)) for x in map(LOG_EPOCH.search, text.splitlines()) if x]
+        entry = (path, secs, LOG_DONE.search(text))
+        key = path.stem.removeprefix("train_")
+        old = logs.get(key)
+        if old is None or (entry[2] is not None, len(secs)) >= (old[2] is not None, len(old[1])):
+            logs[key] = entry
     partial = {p.stem: p for p in sorted(runs.glob("sessions/*/partial/*.csv"))}
     for m in params["grid"]["models"]:
         for loss in params["grid"]["losses"]:
@@ -124,17 +133,15 @@ def progress(params: dict, runs: Path) -> pd.DataFrame:
                 row = {"model": m, "loss": loss, "fold": k, "state": "not run", "epochs": None,
                        "best_epoch": None, "s_per_epoch": None, "test_accuracy": None, "session": ""}
                 d = runs / f"{m}-{loss}" / f"fold_{k}"
-                log_path = logs.get(f"{m}-{loss}-{k}")
+                log_entry = logs.get(f"{m}-{loss}-{k}")
                 if (d / "test_predictions.csv").is_file():
                     rec = json.loads((d / "metrics.json").read_text())
                     src = json.loads((d / "source.json").read_text())
                     row.update(state="done", epochs=rec["epochs_run"], best_epoch=rec["best_epoch"],
                                s_per_epoch=rec["train_seconds"] / max(rec["epochs_run"], 1),
                                test_accuracy=rec["metrics"]["accuracy"], session=src["session"])
-                elif log_path is not None:
-                    text = log_path.read_text()
-                    secs = [float(x.group(3)) for x in map(LOG_EPOCH.search, text.splitlines()) if x]
-                    done = LOG_DONE.search(text)
+                elif log_entry is not None:
+                    log_path, secs, done = log_entry
                     row.update(epochs=len(secs), session=log_path.parent.parent.name,
                                s_per_epoch=sum(secs) / len(secs) if secs else None)
                     if done:

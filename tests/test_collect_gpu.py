@@ -130,3 +130,17 @@ def test_throughput_table_names_device_step_and_optimizer(tmp_path):
         ["CPU AMD EPYC (2 cores)", "mini_covidnet", "16", "eager", "adam", "2.9", "3.2"],
         ["NVIDIA H200", "mini_covidnet", "16", "eager", "adam (foreach)", "800", "880"],
         ["NVIDIA H200", "mini_covidnet", "16", "cuda graph", "adam fused", "3000", "3300"]])
+
+
+def test_a_job_rerun_by_a_later_session_keeps_the_log_that_got_furthest(tmp_path):
+    runs = tmp_path / "runs"
+    sid_a = collect.ingest(_session(tmp_path / "a", "NVIDIA H200", 1_795_840_000), runs)
+    later = _session(tmp_path / "b", "CPU AMD EPYC (2 cores)", 1_795_900_000)
+    with tarfile.open(later / "logs.tgz", "w:gz") as tar:  # the same job, cut off after 1 epoch
+        _add(tar, "logs/train_resnet50-ce-3.log",
+             "x INFO pipeline.train: fold 3 epoch 1/50: train loss 1 acc 0.5 | val loss 1 acc 0.5 | 80.0s\n")
+    collect.ingest(later, runs)
+    row = collect.progress(compose(["experiment=paper"]), runs).set_index(
+        ["model", "loss", "fold"]).loc[("resnet50", "ce", 3)]
+    assert row["state"].startswith("finished; outputs not retrieved")
+    assert (row["session"], row["epochs"], row["test_accuracy"]) == (sid_a, 2, 0.612)
