@@ -149,19 +149,21 @@ class CudaGraphStep:
         log.info("training step captured as a CUDA graph (batch %d)", self.batch_size)
 
 
+def small_net(device: torch.device | str = "cpu") -> torch.nn.Module:
+    """Conv, batch-norm, ReLU, pool, linear (3 classes), seeded: the same weights every call."""
+    torch.manual_seed(0)
+    return torch.nn.Sequential(
+        torch.nn.Conv2d(3, 8, 3), torch.nn.BatchNorm2d(8), torch.nn.ReLU(),
+        torch.nn.AdaptiveAvgPool2d(1), torch.nn.Flatten(), torch.nn.Linear(8, 3)).to(device)
+
+
 def parity_check(device: torch.device, sizes: tuple[int, ...] = (16,) * 6 + (5,) + (16,) * 2,
                  lr_change_at: int = 4) -> dict:
-    """Train two copies of a small conv net (conv, batch-norm, ReLU, pool, linear) on the same
-    random batches, one with eager steps and one through :class:`CudaGraphStep`, changing the
-    learning rate at step ``lr_change_at`` and including a partial batch. Returns the largest
-    difference of losses and of final weights and buffers, and the graph step's call counts."""
-    def net() -> torch.nn.Module:
-        torch.manual_seed(0)
-        return torch.nn.Sequential(
-            torch.nn.Conv2d(3, 8, 3), torch.nn.BatchNorm2d(8), torch.nn.ReLU(),
-            torch.nn.AdaptiveAvgPool2d(1), torch.nn.Flatten(), torch.nn.Linear(8, 3)).to(device)
-
-    eager, graphed = net(), net()
+    """Train two copies of :func:`small_net` on the same random batches, one with eager steps
+    and one through :class:`CudaGraphStep`, changing the learning rate at step ``lr_change_at``
+    and including a partial batch. Returns the largest difference of losses and of final
+    weights and buffers, and the graph step's call counts."""
+    eager, graphed = small_net(device), small_net(device)
     loss_fn = torch.nn.CrossEntropyLoss()
     opt_e = make_adam(eager.parameters(), 1e-3, (0.9, 0.999), 0.0, device)
     opt_g = make_adam(graphed.parameters(), 1e-3, (0.9, 0.999), 0.0, device, cuda_graph=True)

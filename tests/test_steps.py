@@ -16,16 +16,10 @@ import pytest
 import torch
 from torch import nn
 
-from pipeline.steps import CudaGraphStep, current_lr, make_adam, set_lr
+from pipeline.steps import CudaGraphStep, current_lr, make_adam, set_lr, small_net
 from tests.test_resume import make_tiny_project, one_thread  # noqa: F401 (fixture)
 
 cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
-
-
-def tiny_net() -> nn.Module:
-    torch.manual_seed(0)
-    return nn.Sequential(nn.Conv2d(3, 8, 3), nn.BatchNorm2d(8), nn.ReLU(), nn.AdaptiveAvgPool2d(1),
-                         nn.Flatten(), nn.Linear(8, 3))
 
 
 def test_set_lr_changes_a_tensor_learning_rate_in_place_and_the_update_follows_it():
@@ -47,7 +41,7 @@ def test_set_lr_changes_a_tensor_learning_rate_in_place_and_the_update_follows_i
 
 
 def test_graph_step_refuses_an_optimizer_that_is_not_capturable():
-    model = tiny_net()
+    model = small_net()
     opt = torch.optim.Adam(model.parameters(), lr=1e-3)
     with pytest.raises(ValueError, match="capturable=True"):
         CudaGraphStep(model, nn.CrossEntropyLoss(), opt, batch_size=4, amp=False)
