@@ -9,7 +9,9 @@
 ``source.json`` naming the session and GPU; ``sessions/<id>/`` with that session's logs, partial
 histories and benchmark). The grid can thus be finished over several device sessions. Then:
 ``grid_progress.md`` lists all 70 (model, loss, fold) jobs with their state, and the real
-``evaluate`` and ``report`` stage code runs on every model whose two rows have all five folds.
+``evaluate`` and ``report`` stage code runs on every model whose two rows have all five folds;
+where more models have all five folds of one loss, it runs again on those rows alone, into
+``<dest>/<loss>_rows/``.
 
 ``experiment``: a ``<tag>.tgz`` of ``scripts/gpu_experiment_run.sh`` (params, per-fold outputs,
 log; copied to ``--dest``) is unpacked beside freshly re-run data stages (fetch_data, extract_frames, split_folds: the
@@ -204,7 +206,7 @@ def collect_paper(sources: list[Path], dest: Path) -> dict:
     runs = dest / "runs"
     sessions = [ingest(s, runs) for s in sources]
     params = compose(["experiment=paper"])
-    classes, k = list(params["dataset"]["classes"]), int(params["folds"]["k"])
+    k = int(params["folds"]["k"])
     prog = progress(params, runs)
     prog.to_csv(dest / "grid_progress.csv", index=False)
     counts = prog["state"].value_counts().to_dict()
@@ -218,14 +220,48 @@ def collect_paper(sources: list[Path], dest: Path) -> dict:
         "come back from the device; its test accuracy is the one its log printed, and it is "
         "not in the pooled tables.\n\n"
         f"States: {json.dumps(counts)}\n\n" + prog.to_markdown(index=False, floatfmt=".3f") + "\n")
-    complete = [m for m in params["grid"]["models"] if all(
-        (runs / f"{m}-{loss}" / f"fold_{i}" / "test_predictions.csv").is_file()
-        for loss in params["grid"]["losses"] for i in range(k))]
+    losses = list(params["grid"]["losses"])
+    rows_done = {loss: [m for m in params["grid"]["models"] if all(
+        (runs / f"{m}-{loss}" / f"fold_{i}" / "test_predictions.csv").is_file() for i in range(k))]
+        for loss in losses}
+    complete = [m for m in rows_done[losses[0]] if all(m in rows_done[loss] for loss in losses)]
+    # A row (model, loss) with its five folds whose other loss is not finished yet: one report
+    # per loss, every such model beside the complete ones, under <dest>/<loss>_rows/.
+    by_loss = {loss: rows_done[loss] for loss in losses if len(rows_done[loss]) > len(complete)}
+    more = "".join(f"; `{loss}_rows/` reports every model with all five {loss} folds"
+                   for loss in by_loss)
+    if complete:
+        pooled_report(params, runs, complete, losses, dest,
+                      f"Only models with all five folds of both losses are reported here{more}")
+    for loss in losses:
+        sub = dest / f"{loss}_rows"
+        if sub.exists():
+            shutil.rmtree(sub)
+        if loss in by_loss:
+            sub.mkdir()
+            pooled_report(params, runs, by_loss[loss], [loss], sub,
+                          f"Every model with all five {loss} folds is reported here, whether or not "
+                          f"its other loss has finished (`../README.md` has the models with both)")
+    throughput_table(dest)
+    every = sorted(p.name for p in (runs / "sessions").iterdir()) if (runs / "sessions").is_dir() else []
+    summary = {"complete_models": complete, "rows_by_loss": by_loss, "job_states": counts, "sessions": every,
+               "added_now": sessions,
+               "grid_wall": {s: [line for line in _read(runs / "sessions" / s / "log.txt").splitlines()
+                                 if "wall" in line] for s in every}}
+    (dest / "run_summary.json").write_text(json.dumps(summary, indent=2) + "\n")
+    return summary
+
+
+def pooled_report(params: dict, runs: Path, models: list[str], losses: list[str], dest: Path,
+                  scope: str) -> None:
+    """The ``evaluate`` and ``report`` stage code on the runs store's folds of ``models`` x
+    ``losses`` (each with all its folds), written to ``dest`` (README.md, tables/, figures/, ...)."""
+    k, classes = int(params["folds"]["k"]), list(params["dataset"]["classes"])
     with tempfile.TemporaryDirectory() as tmp:
         work = Path(tmp)
         gpus = set()
-        for m in complete:
-            for loss in params["grid"]["losses"]:
+        for m in models:
+            for loss in losses:
                 cell = work / "models" / f"{m}-{loss}"
                 shutil.copytree(runs / f"{m}-{loss}", cell)
                 summarize_cell(cell, list(range(k)), classes)
@@ -238,7 +274,7 @@ def collect_paper(sources: list[Path], dest: Path) -> dict:
                     "device": " + ".join(sorted({"cpu" if g.startswith("CPU ") else "cuda" for g in cell_gpus})),
                     "device_name": " + ".join(cell_gpus), "profile": "paper",
                     "image_size": 224, "epochs": 50, "max_frames_per_source": None}, indent=2))
-        p = apply_overrides(params, [f"grid.models=[{','.join(complete)}]"])
+        p = apply_overrides(params, [f"grid.models=[{','.join(models)}]", f"grid.losses=[{','.join(losses)}]"])
         (work / "params.yaml").write_text(yaml.safe_dump(p, sort_keys=False))
         shutil.copytree(ROOT / "data" / "folds", work / "data" / "folds")
         shutil.copytree(ROOT / "data" / "published", work / "data" / "published")
@@ -248,10 +284,10 @@ def collect_paper(sources: list[Path], dest: Path) -> dict:
                 f"Generated by `scripts/collect_gpu_run.py paper` from the folds in `runs/`, "
                 f"trained by `scripts/gpu_paper_run.sh` on {' and '.join(sorted(gpus))} (see "
                 f"`runs/sessions/`; `grid_progress.md` lists every job of the grid); every model "
-                f"trained from scratch (no ImageNet weights offline). Only models with all five "
-                f"folds of both losses are reported here. Training minutes per fold were measured "
-                f"with up to 14 trainings sharing the GPU (MPS), one process per (model, loss, "
-                f"fold); the throughput tables have the single-process figures.")
+                f"trained from scratch (no ImageNet weights offline). {scope}. Training minutes "
+                f"per fold were measured with up to 14 trainings sharing the GPU (MPS), one "
+                f"process per (model, loss, fold), or on a CPU one fold at a time; the throughput "
+                f"tables have the single-process figures.")
         for sub in ("tables", "figures"):
             if (dest / sub).exists():
                 shutil.rmtree(dest / sub)
@@ -262,14 +298,6 @@ def collect_paper(sources: list[Path], dest: Path) -> dict:
                 shutil.copytree(item, dest / item.name)
             else:
                 shutil.copy(item, dest / item.name)
-    throughput_table(dest)
-    every = sorted(p.name for p in (runs / "sessions").iterdir()) if (runs / "sessions").is_dir() else []
-    summary = {"complete_models": complete, "job_states": counts, "sessions": every,
-               "added_now": sessions,
-               "grid_wall": {s: [line for line in _read(runs / "sessions" / s / "log.txt").splitlines()
-                                 if "wall" in line] for s in every}}
-    (dest / "run_summary.json").write_text(json.dumps(summary, indent=2) + "\n")
-    return summary
 
 
 def collect_experiment(archive: Path, dest: Path, overrides: list[str], code_rev: str = "") -> dict:

@@ -6,6 +6,7 @@ from __future__ import annotations
 import importlib.util
 import io
 import json
+import shutil
 import tarfile
 from pathlib import Path
 
@@ -144,3 +145,28 @@ def test_a_job_rerun_by_a_later_session_keeps_the_log_that_got_furthest(tmp_path
         ["model", "loss", "fold"]).loc[("resnet50", "ce", 3)]
     assert row["state"].startswith("finished; outputs not retrieved")
     assert (row["session"], row["epochs"], row["test_accuracy"]) == (sid_a, 2, 0.612)
+
+
+def test_a_row_with_five_folds_is_reported_before_its_other_loss_finishes(tmp_path):
+    """The committed runs store with one focal fold of Mini-COVIDNet taken away: no model has both
+    losses complete, so there is no both-losses report, and ``ce_rows/`` reports every model with
+    five cross-entropy folds through the real evaluate and report stages, with the same pooled
+    numbers as the committed report."""
+    committed = PROJECT_ROOT / "reports" / "paper_gpu"
+    dest = tmp_path / "paper_gpu"
+    shutil.copytree(committed / "runs", dest / "runs")
+    shutil.rmtree(dest / "runs" / "mini_covidnet-focal" / "fold_0")
+    ce_rows = [c.name.removesuffix("-ce") for c in sorted((dest / "runs").glob("*-ce"))
+               if all((c / f"fold_{k}" / "test_predictions.csv").is_file() for k in range(5))]
+    assert "mini_covidnet" in ce_rows
+    summary = collect.collect_paper([], dest)
+    assert summary["complete_models"] == []
+    assert summary["rows_by_loss"] == {"ce": ce_rows}
+    assert not (dest / "README.md").exists() and not (dest / "focal_rows").exists()
+    metrics = json.loads((dest / "ce_rows" / "metrics.json").read_text())
+    assert sorted(metrics) == sorted(f"{m}-ce" for m in ce_rows)
+    assert metrics["mini_covidnet-ce"] == json.loads((committed / "metrics.json").read_text())["mini_covidnet-ce"]
+    page = (dest / "ce_rows" / "README.md").read_text()
+    assert "Every model with all five ce folds is reported here" in page
+    table = pd.read_csv(dest / "ce_rows" / "tables" / "table7_accuracy.csv")
+    assert sorted(table["row"]) == sorted(f"{m}-ce" for m in ce_rows)
