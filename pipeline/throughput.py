@@ -2,7 +2,8 @@
 
 ``python -m pipeline.throughput [--models ...] [--batch-sizes 16 128] [--out reports/throughput]``
 times ``pipeline.train.train_step`` (uint8 frames already on the device, gathered, scaled and
-augmented there, bf16 autocast and channels-last on CUDA) against the same model fed one
+augmented there; bf16 autocast and channels-last on CUDA, and on a CPU with ``train.cpu_amp``)
+against the same model fed one
 pre-made random float batch with no augmentation (the reference measurement of REFERENCE.md).
 The ratio says how much the data path costs. ``--cuda-graph both`` times every model with eager
 steps and with the step replayed from a CUDA graph (``train.cuda_graph``, ``pipeline/steps.py``);
@@ -24,7 +25,7 @@ from pathlib import Path
 import torch
 
 from pipeline.config import apply_overrides, compose, get, load_params
-from pipeline.steps import CudaGraphStep, make_adam, optimize_step
+from pipeline.steps import CudaGraphStep, make_adam, optimize_step, precision
 from pipeline.train import pick_device, train_step
 
 log = logging.getLogger("pipeline.throughput")
@@ -45,8 +46,7 @@ def measure(params: Mapping, model_name: str, batch_size: int, source: str, step
 
     tcfg = get(params, "train")
     device = pick_device(str(tcfg["device"]))
-    amp = bool(tcfg["amp"]) and device.type == "cuda"
-    cl = bool(tcfg["channels_last"]) and device.type == "cuda"
+    amp, cl = precision(tcfg, device)
     size = int(tcfg["image_size"])
     torch.manual_seed(0)
     cfg = dict(get(params, f"models.{model_name}"))
@@ -118,16 +118,25 @@ def step_kind(row: Mapping) -> str:
     return "cuda graph" if row.get("cuda_graph") else "eager"
 
 
+def precision_kind(row: Mapping) -> str:
+    """``bf16 + channels-last``, ``fp32`` ...: the precision and memory format of a throughput
+    row's steps."""
+    d = row["detail"][0]
+    return " + ".join(["bf16" if d.get("amp_bf16") else "fp32",
+                       *(["channels-last"] if d.get("channels_last") else [])])
+
+
 def to_markdown(result: Mapping) -> str:
-    rows = ["| model | batch | step | real data img/s | random img/s | random / real |",
-            "|---|---|---|---|---|---|"]
+    rows = ["| model | batch | step | precision | real data img/s | random img/s | random / real |",
+            "|---|---|---|---|---|---|---|"]
     for r in result["rows"]:
-        rows.append(f"| {r['model']} | {r['batch_size']} | {step_kind(r)} | {rate(r['real'])} | "
-                    f"{rate(r['random'])} | {r['random'] / r['real']:.2f} |")
+        rows.append(f"| {r['model']} | {r['batch_size']} | {step_kind(r)} | {precision_kind(r)} | "
+                    f"{rate(r['real'])} | {rate(r['random'])} | {r['random'] / r['real']:.2f} |")
     d = result["device"]
     head = (f"# Training throughput\n\nDevice: {d.get('gpu', 'no GPU')}; CPU {d['cpu']} "
-            f"({d['cores']} cores); torch {d['torch']}. Image size {result['image_size']} px, "
-            f"bf16 autocast and channels-last on CUDA. Real = `train_step` on frames of the "
+            f"({d['cores']} cores); torch {d['torch']}. Image size {result['image_size']} px; "
+            f"precision: bf16 autocast or fp32, channels-last or not (`train.amp`, "
+            f"`train.channels_last`; on a CPU with `train.cpu_amp`). Real = `train_step` on frames of the "
             f"lung-ultrasound dataset held on the device, augmented per image; random = one "
             f"pre-made random batch, no augmentation.\n\n")
     return head + "\n".join(rows) + "\n"

@@ -33,7 +33,7 @@ from pipeline.config import ConfigError, apply_overrides, get, load_params, sele
 from pipeline.data import (FrameStore, augment_batch, fold_frames, interpolation_of,
                            subsample_per_source, used_frames)
 from pipeline.steps import (CudaGraphStep, current_lr, lr_to_device, make_adam, optimize_step,
-                            set_lr)
+                            precision, set_lr)
 from pipeline.tracking import Tracker, standard_tags
 
 log = logging.getLogger("pipeline.train")
@@ -132,8 +132,7 @@ def train_fold(params: Mapping, model_name: str, loss_name: str, fold: int, stor
     model_cfg, loss_cfg = select_run(params, model_name, loss_name)
     seed = int(get(params, "seed"))
     device = pick_device(str(tcfg["device"]))
-    amp = bool(tcfg["amp"]) and device.type == "cuda"
-    channels_last = bool(tcfg["channels_last"]) and device.type == "cuda"
+    amp, channels_last = precision(tcfg, device)
     if device.type == "cpu" and tcfg.get("deterministic", True):
         torch.use_deterministic_algorithms(True, warn_only=True)
 
@@ -281,6 +280,7 @@ def train_fold(params: Mapping, model_name: str, loss_name: str, fold: int, stor
                                    probs, classes)
         fold_record = {"fold": fold, "best_epoch": state["best_epoch"],
                        "epochs_run": len(state["history"]), "train_seconds": state["train_seconds"],
+                       "precision": {"amp_bf16": amp, "channels_last": channels_last},
                        "metrics": m}
         if graph is not None:  # how the steps ran: captured and replayed, or eager
             fold_record["cuda_graph"] = {"captured": graph.captured, "failed": graph.failed,
