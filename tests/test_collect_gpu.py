@@ -118,19 +118,20 @@ def test_throughput_table_names_device_step_and_optimizer(tmp_path):
              **({"cuda_graph": True} if detail.get("cuda_graph") else {}), "detail": [detail]}]}
 
     gpu = {"gpu": "NVIDIA H200", "cpu": "Xeon", "cores": 16}
+    bf16 = {"amp_bf16": True, "channels_last": True}
     cpu = {"cpu": "AMD EPYC", "cores": 2}
-    files = {"throughput.json": result(gpu, {}, 800.4),  # measured before the optimizer key
-             "throughput_graph.json": result(gpu, {"optimizer": "adam fused", "cuda_graph": True}, 3000),
-             "throughput_cpu.json": result(cpu, {}, 2.87)}
+    files = {"throughput.json": result(gpu, bf16, 800.4),  # measured before the optimizer key
+             "throughput_graph.json": result(gpu, {**bf16, "optimizer": "adam fused", "cuda_graph": True}, 3000),
+             "throughput_cpu.json": result(cpu, {"amp_bf16": False, "channels_last": False}, 2.87)}
     for name, res in files.items():
         (tmp_path / name).write_text(json.dumps(res))
     collect.throughput_table(tmp_path)
     lines = (tmp_path / "throughput_224px.md").read_text().splitlines()
     rows = [[c.strip() for c in line.strip("|").split("|")] for line in lines if "mini_covidnet" in line]
-    assert sorted(r[:7] for r in rows) == sorted([
-        ["CPU AMD EPYC (2 cores)", "mini_covidnet", "16", "eager", "adam", "2.9", "3.2"],
-        ["NVIDIA H200", "mini_covidnet", "16", "eager", "adam (foreach)", "800", "880"],
-        ["NVIDIA H200", "mini_covidnet", "16", "cuda graph", "adam fused", "3000", "3300"]])
+    assert sorted(r[:8] for r in rows) == sorted([
+        ["CPU AMD EPYC (2 cores)", "mini_covidnet", "16", "eager", "fp32", "adam", "2.9", "3.2"],
+        ["NVIDIA H200", "mini_covidnet", "16", "eager", "bf16 + channels-last", "adam (foreach)", "800", "880"],
+        ["NVIDIA H200", "mini_covidnet", "16", "cuda graph", "bf16 + channels-last", "adam fused", "3000", "3300"]])
 
 
 def test_a_job_rerun_by_a_later_session_keeps_the_log_that_got_furthest(tmp_path):

@@ -1,8 +1,9 @@
 """The training step, eager and as a CUDA graph (``train.cuda_graph``, ``pipeline/steps.py``).
 
 On the CPU: the learning rate set in place reaches Adam's update, the graph step refuses an
-optimizer it could not replay, ``train.cuda_graph`` leaves CPU training exactly as it was, and
-the throughput benchmark records how its steps ran. On a CUDA device (marked ``gpu``): the
+optimizer it could not replay, ``train.cuda_graph`` leaves CPU training exactly as it was, the
+throughput benchmark records how its steps ran, and ``train.cpu_amp`` trains a fold in bf16 and
+channels-last where the CPU has native bf16 (and is refused where it has not). On a CUDA device (marked ``gpu``): the
 replayed step trains a model to the same weights as eager steps, through a learning-rate change
 and a partial batch, and a whole fold trains with its steps captured.
 """
@@ -16,7 +17,9 @@ import pytest
 import torch
 from torch import nn
 
-from pipeline.steps import CudaGraphStep, current_lr, make_adam, set_lr, small_net
+import pipeline.steps as steps
+from pipeline.config import ConfigError
+from pipeline.steps import CudaGraphStep, current_lr, make_adam, precision, set_lr, small_net
 from tests.test_resume import make_tiny_project, one_thread  # noqa: F401 (fixture)
 
 cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
@@ -81,6 +84,44 @@ def test_throughput_records_eager_steps_on_cpu():
     assert r["images_per_s"] > 0 and r["image_size"] == 32 and r["steps"] == 2
     assert r["cuda_graph"] is False  # no CUDA here: eager steps, and the record says so
     assert step_kind(r) == "eager" and step_kind({"cuda_graph": True}) == "cuda graph"
+
+
+def test_amp_and_channels_last_apply_on_cuda_and_on_a_cpu_only_when_asked(monkeypatch):
+    on = {"amp": True, "channels_last": True}
+    cuda_dev, cpu = torch.device("cuda"), torch.device("cpu")
+    assert precision(on, cuda_dev) == (True, True)
+    assert precision({"amp": False, "channels_last": True}, cuda_dev) == (False, True)
+    assert precision(on, cpu) == (False, False)  # cpu_amp absent: off
+    assert precision({**on, "cpu_amp": False}, cpu) == (False, False)
+    monkeypatch.setattr(steps, "cpu_bf16_supported", lambda: True)
+    assert precision({**on, "cpu_amp": True}, cpu) == (True, True)
+    monkeypatch.setattr(steps, "cpu_bf16_supported", lambda: False)
+    with pytest.raises(ConfigError, match="train.cpu_amp=true.*no native bf16"):
+        precision({**on, "cpu_amp": True}, cpu)
+    # Without autocast, channels-last needs no bf16.
+    assert precision({"amp": False, "channels_last": True, "cpu_amp": True}, cpu) == (False, True)
+
+
+@pytest.mark.skipif(not steps.cpu_bf16_supported(), reason="this CPU has no native bf16")
+def test_cpu_amp_trains_a_fold_in_bf16_and_channels_last_and_records_it(tmp_path, monkeypatch, one_thread):
+    from pipeline.train import run
+
+    outputs = {}
+    for flag in (False, True):
+        root = tmp_path / str(flag)
+        root.mkdir()
+        params = make_tiny_project(root, epochs=2)
+        params["train"].update(amp=True, channels_last=True, cpu_amp=flag)
+        monkeypatch.chdir(root)
+        run(params, "mini_covidnet", "ce", [0])
+        fold = root / "models" / "mini_covidnet-ce" / "fold_0"
+        metrics = json.loads((fold / "metrics.json").read_text())
+        assert metrics["precision"] == {"amp_bf16": flag, "channels_last": flag}
+        history = pd.read_csv(fold / "history.csv")
+        assert history[["train_loss", "val_loss"]].notna().all().all()
+        outputs[flag] = history
+    # bf16 arithmetic: the same seeds and batches give other losses than fp32.
+    assert not outputs[False]["train_loss"].equals(outputs[True]["train_loss"])
 
 
 @pytest.mark.gpu
