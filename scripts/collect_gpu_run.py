@@ -114,6 +114,16 @@ LOG_EPOCH = re.compile(r"epoch (\d+)/(\d+): .*\| ([\d.]+)s$")
 LOG_DONE = re.compile(r"pooled accuracy ([\d.]+) over folds \[(\d+)\] in (\d+) s")
 
 
+def fold_precision(metrics: dict, device: str) -> str:
+    """How a fold trained: ``bf16 + channels-last`` or ``fp32`` (``metrics.json``'s record;
+    folds trained before it was recorded: the paper profile's bf16 + channels-last on a GPU,
+    fp32 on a CPU, where the train stage then had no other mode)."""
+    rec = metrics.get("precision")
+    if rec is None:
+        rec = {"amp_bf16": not device.startswith("CPU "), "channels_last": not device.startswith("CPU ")}
+    return precision_kind({"detail": [rec]})
+
+
 def progress(params: dict, runs: Path) -> pd.DataFrame:
     """One row per (model, loss, fold) of the grid: done (outputs here), finished but outputs
     lost (the log's result only), cut off at a deadline (epochs reached), or not run."""
@@ -133,7 +143,8 @@ def progress(params: dict, runs: Path) -> pd.DataFrame:
         for loss in params["grid"]["losses"]:
             for k in range(int(params["folds"]["k"])):
                 row = {"model": m, "loss": loss, "fold": k, "state": "not run", "epochs": None,
-                       "best_epoch": None, "s_per_epoch": None, "test_accuracy": None, "session": ""}
+                       "best_epoch": None, "s_per_epoch": None, "test_accuracy": None,
+                       "precision": "", "session": ""}
                 d = runs / f"{m}-{loss}" / f"fold_{k}"
                 log_entry = logs.get(f"{m}-{loss}-{k}")
                 if (d / "test_predictions.csv").is_file():
@@ -141,7 +152,8 @@ def progress(params: dict, runs: Path) -> pd.DataFrame:
                     src = json.loads((d / "source.json").read_text())
                     row.update(state="done", epochs=rec["epochs_run"], best_epoch=rec["best_epoch"],
                                s_per_epoch=rec["train_seconds"] / max(rec["epochs_run"], 1),
-                               test_accuracy=rec["metrics"]["accuracy"], session=src["session"])
+                               test_accuracy=rec["metrics"]["accuracy"], session=src["session"],
+                               precision=fold_precision(rec, src["gpu"]))
                 elif log_entry is not None:
                     log_path, secs, done = log_entry
                     row.update(epochs=len(secs), session=log_path.parent.parent.name,
@@ -217,7 +229,8 @@ def collect_paper(sources: list[Path], dest: Path) -> dict:
         "device session; `runs/sessions/<id>/` holds each session's logs, partial histories, "
         "machine and benchmark). Seconds per epoch were measured with up to 13-14 trainings "
         "sharing the GPU (MPS); a session named after a CPU trained on that CPU, one fold at a "
-        "time. \"Log only\": the fold finished but its output files did not "
+        "time. Precision: bf16 autocast + channels-last on the GPUs, and on a CPU with "
+        "`train.cpu_amp`; fp32 otherwise. \"Log only\": the fold finished but its output files did not "
         "come back from the device; its test accuracy is the one its log printed, and it is "
         "not in the pooled tables.\n\n"
         f"States: {json.dumps(counts)}\n\n" + prog.to_markdown(index=False, floatfmt=".3f") + "\n")

@@ -71,6 +71,7 @@ def test_sessions_merge_into_the_runs_store_and_every_job_has_a_state(tmp_path):
     assert len(prog) == 70
     done = prog.loc[("mini_covidnet", "ce", 0)]
     assert (done["state"], done["epochs"], done["test_accuracy"], done["s_per_epoch"]) == ("done", 10, 0.75, 2.0)
+    assert done["precision"] == "bf16 + channels-last"  # a GPU fold from before the record
     log_only = prog.loc[("resnet50", "ce", 3)]
     assert log_only["state"].startswith("finished; outputs not retrieved")
     assert (log_only["test_accuracy"], log_only["epochs"], log_only["s_per_epoch"]) == (0.612, 2, 5.0)
@@ -109,6 +110,14 @@ def test_a_session_run_on_cpu_names_the_cpu(tmp_path):
     assert sid == "20261128T0426Z_CPU-AMD-EPYC-2-cores"
     source = tmp_path / "runs" / "mini_covidnet-ce" / "fold_0" / "source.json"
     assert json.loads(source.read_text())["gpu"] == "CPU AMD EPYC (2 cores)"
+    row = collect.progress(compose(["experiment=paper"]), tmp_path / "runs").iloc[0]
+    assert row["precision"] == "fp32"  # a CPU fold from before the record: fp32
+    # A fold that records its precision (train.cpu_amp on a CPU) is shown as recorded.
+    metrics = tmp_path / "runs" / "mini_covidnet-ce" / "fold_0" / "metrics.json"
+    metrics.write_text(json.dumps({**json.loads(metrics.read_text()),
+                                   "precision": {"amp_bf16": True, "channels_last": True}}))
+    row = collect.progress(compose(["experiment=paper"]), tmp_path / "runs").iloc[0]
+    assert row["precision"] == "bf16 + channels-last"
 
 
 def test_throughput_table_names_device_step_and_optimizer(tmp_path):
