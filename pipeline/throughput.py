@@ -3,8 +3,8 @@
 ``python -m pipeline.throughput [--models ...] [--batch-sizes 16 128] [--out reports/throughput]``
 times ``pipeline.train.train_step`` (uint8 frames already on the device, gathered, scaled and
 augmented there; bf16 autocast and channels-last on CUDA, and on a CPU with ``train.cpu_amp``)
-against the same model fed one
-pre-made random float batch with no augmentation (the reference measurement of REFERENCE.md).
+against the same model fed one pre-made random float batch with no augmentation (the reference
+measurement of REFERENCE.md).
 The ratio says how much the data path costs. ``--cuda-graph both`` times every model with eager
 steps and with the step replayed from a CUDA graph (``train.cuda_graph``, ``pipeline/steps.py``);
 by default the configuration's setting is used. The optimizer is the train stage's (fused Adam on
