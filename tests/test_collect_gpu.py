@@ -180,3 +180,19 @@ def test_a_row_with_five_folds_is_reported_before_its_other_loss_finishes(tmp_pa
     assert "Every model with all five ce folds is reported here" in page
     table = pd.read_csv(dest / "ce_rows" / "tables" / "table7_accuracy.csv")
     assert sorted(table["row"]) == sorted(f"{m}-ce" for m in ce_rows)
+
+
+def test_the_runs_store_keeps_the_split_its_folds_were_trained_on(tmp_path):
+    checkout = tmp_path / "data" / "folds"
+    checkout.mkdir(parents=True)
+    for name in ("splits.csv", "table1.csv", "summary.json"):
+        (checkout / name).write_text(f"{name} v1\n")
+    runs = tmp_path / "runs"
+    with pytest.raises(SystemExit, match="run `dvc repro split_folds` first"):
+        collect.keep_folds(runs, tmp_path / "absent")
+    collect.keep_folds(runs, checkout)  # first time: taken from the checkout
+    assert (runs / "folds" / "splits.csv").read_text() == "splits.csv v1\n"
+    collect.keep_folds(runs, tmp_path / "absent")  # a fresh clone: the stored split serves
+    (checkout / "splits.csv").write_text("splits.csv v2\n")
+    with pytest.raises(SystemExit, match=r"differs from the runs store's split .*\(splits.csv\)"):
+        collect.keep_folds(runs, checkout)
