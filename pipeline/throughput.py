@@ -118,19 +118,18 @@ def step_kind(row: Mapping) -> str:
     return "cuda graph" if row.get("cuda_graph") else "eager"
 
 
-def precision_kind(row: Mapping) -> str:
-    """``bf16 + channels-last``, ``fp32`` ...: the precision and memory format of a throughput
-    row's steps."""
-    d = row["detail"][0]
-    return " + ".join(["bf16" if d.get("amp_bf16") else "fp32",
-                       *(["channels-last"] if d.get("channels_last") else [])])
+def precision_kind(rec: Mapping) -> str:
+    """``bf16 + channels-last``, ``fp32`` ...: the precision and memory format of a record with
+    ``amp_bf16`` and ``channels_last`` (a :func:`measure` result, a fold's ``precision``)."""
+    return " + ".join(["bf16" if rec.get("amp_bf16") else "fp32",
+                       *(["channels-last"] if rec.get("channels_last") else [])])
 
 
 def to_markdown(result: Mapping) -> str:
     rows = ["| model | batch | step | precision | real data img/s | random img/s | random / real |",
             "|---|---|---|---|---|---|---|"]
     for r in result["rows"]:
-        rows.append(f"| {r['model']} | {r['batch_size']} | {step_kind(r)} | {precision_kind(r)} | "
+        rows.append(f"| {r['model']} | {r['batch_size']} | {step_kind(r)} | {precision_kind(r['detail'][0])} | "
                     f"{rate(r['real'])} | {rate(r['random'])} | {r['random'] / r['real']:.2f} |")
     d = result["device"]
     head = (f"# Training throughput\n\nDevice: {d.get('gpu', 'no GPU')}; CPU {d['cpu']} "

@@ -118,10 +118,8 @@ def fold_precision(metrics: dict, device: str) -> str:
     """How a fold trained: ``bf16 + channels-last`` or ``fp32`` (``metrics.json``'s record;
     folds trained before it was recorded: the paper profile's bf16 + channels-last on a GPU,
     fp32 on a CPU, where the train stage then had no other mode)."""
-    rec = metrics.get("precision")
-    if rec is None:
-        rec = {"amp_bf16": not device.startswith("CPU "), "channels_last": not device.startswith("CPU ")}
-    return precision_kind({"detail": [rec]})
+    gpu = not device.startswith("CPU ")
+    return precision_kind(metrics.get("precision") or {"amp_bf16": gpu, "channels_last": gpu})
 
 
 def progress(params: dict, runs: Path) -> pd.DataFrame:
@@ -184,7 +182,7 @@ def throughput_table(dest: Path) -> None:
             d = res["device"]
             rows.append({"device": d.get("gpu") or f"CPU {d.get('cpu', '')} ({d.get('cores', '?')} cores)",
                          "model": r["model"], "batch": r["batch_size"], "step": step_kind(r),
-                         "precision": precision_kind(r),
+                         "precision": precision_kind(r["detail"][0]),
                          # rows measured before the benchmark used the train stage's fused Adam
                          "optimizer": r["detail"][0].get(
                              "optimizer", "adam (foreach)" if d.get("gpu") else "adam"),
@@ -258,9 +256,9 @@ def collect_paper(sources: list[Path], dest: Path) -> dict:
         "not in the pooled tables.\n\n"
         f"States: {json.dumps(counts)}\n\n" + prog.to_markdown(index=False, floatfmt=".3f") + "\n")
     losses = list(params["grid"]["losses"])
-    rows_done = {loss: [m for m in params["grid"]["models"] if all(
-        (runs / f"{m}-{loss}" / f"fold_{i}" / "test_predictions.csv").is_file() for i in range(k))]
-        for loss in losses}
+    folds_done = prog[prog["state"] == "done"].groupby(["model", "loss"]).size()
+    rows_done = {loss: [m for m in params["grid"]["models"] if folds_done.get((m, loss), 0) == k]
+                 for loss in losses}
     complete = [m for m in rows_done[losses[0]] if all(m in rows_done[loss] for loss in losses)]
     # A row (model, loss) with its five folds whose other loss is not finished yet: one report
     # per loss, every such model beside the complete ones, under <dest>/<loss>_rows/.
