@@ -1,4 +1,4 @@
-"""Frames as tensors: the fold/split tables, a decoded-frame cache, and batched augmentation.
+"""Frames as tensors: the audited fold/split tables, a decoded-frame cache, and batched augmentation.
 
 Frames are decoded once per (frame set, image size) into a uint8 array file under
 ``.cache/frames/`` and memory-mapped afterwards, so training epochs, evaluation and export never
@@ -9,6 +9,7 @@ reads a stale cache.
 from __future__ import annotations
 
 import hashlib
+import json
 import logging
 import math
 import os
@@ -22,6 +23,7 @@ import torch
 import torch.nn.functional as F
 
 from pipeline.config import get, load_params
+from pipeline.duplicates import sha256_file
 
 log = logging.getLogger("pipeline.data")
 
@@ -134,15 +136,46 @@ class FrameStore:
         return torch.from_numpy(np.ascontiguousarray(self.array[idx]))
 
 
+class AuditError(RuntimeError):
+    """The folds have not passed the leakage audit (or changed since they did)."""
+
+
+def audit_inputs(params: Mapping) -> dict[str, str]:
+    """SHA-256 of the two files the audit vouches for: the frame manifest and the splits."""
+    ds, folds = get(params, "dataset"), get(params, "folds")
+    return {"manifest": sha256_file(Path(ds["frames_dir"]) / "manifest.csv"),
+            "splits": sha256_file(Path(folds["dir"]) / "splits.csv")}
+
+
+def audited_splits(params: Mapping) -> pd.DataFrame:
+    """The splits table, once the audit report (``audit.report``) shows that these very folds
+    and frames passed. Every route that trains reads the folds through here.
+
+    Raises:
+        AuditError: no report, a failed audit, or folds/frames changed since the audit.
+    """
+    report_path = Path(get(params, "audit.report"))
+    splits_path = Path(get(params, "folds.dir")) / "splits.csv"
+    fix = "run `dvc repro audit` (or `python -m pipeline.audit`) and resolve what it reports"
+    if not report_path.is_file():
+        raise AuditError(f"{splits_path} has no leakage audit ({report_path} not found): {fix}")
+    report = json.loads(report_path.read_text())
+    if not report.get("ok"):
+        raise AuditError(f"{splits_path} FAILED the leakage audit ({report_path}): {fix}")
+    if report.get("inputs") != audit_inputs(params):
+        raise AuditError(f"{splits_path} or the frame manifest changed since the audit in "
+                         f"{report_path}: {fix}")
+    return pd.read_csv(splits_path, dtype={"patient": str})
+
+
 def load_split_images(fold: int, split: str, image_size: int, limit: int | None = None,
                       params: Mapping | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """Real frames of one side of a fold as ``(uint8 N x 3 x S x S, labels)``: used by export
     parity checks and calibration. ``limit`` takes frames evenly across the split."""
     params = params or load_params()
-    ds, folds = get(params, "dataset"), get(params, "folds")
+    ds = get(params, "dataset")
     frames = used_frames(ds["frames_dir"])
-    splits = pd.read_csv(Path(folds["dir"]) / "splits.csv", dtype={"patient": str})
-    part = fold_frames(frames, splits, fold, split)
+    part = fold_frames(frames, audited_splits(params), fold, split)
     if limit and len(part) > limit:
         part = part.iloc[np.linspace(0, len(part) - 1, limit).round().astype(int)]
     images = decode_frames([Path(ds["frames_dir"]) / n for n in part["frame"]], image_size,

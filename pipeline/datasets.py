@@ -5,8 +5,8 @@ at ``dataset.frame_max_side``) and a manifest with the columns of
 :data:`pipeline.extract_frames.MANIFEST_COLUMNS` (one row per image; ``source`` = the image,
 ``kind`` = ``image``), plus optional columns: ``split`` (a dataset's fixed train/val/test split),
 ``finding`` (a subgroup for score histograms) and ``view``. Training, evaluation and the report
-then need no change; ``split_folds`` makes the folds (patient-grouped k-fold, or
-:func:`make_fixed_splits` for a fixed split).
+then need no change; ``split_folds`` makes the folds (patient-grouped k-fold, or the
+dataset's own fixed split).
 
 Kinds (``dataset.kind``):
 
@@ -445,46 +445,3 @@ def prepare(kind: str, raw_dir: Path, frames_dir: Path, ds: Mapping, strict: boo
     return PREPARERS[kind](Path(raw_dir), Path(frames_dir), ds, strict)
 
 
-def make_fixed_splits(manifest: pd.DataFrame, val_fraction: float = 0.1, seed: int = 42) -> pd.DataFrame:
-    """The splits table (schema of :func:`pipeline.split_folds.make_splits`) of a fixed split:
-    one fold 0, each source's role taken from the manifest's ``split`` column.
-
-    Without any ``val`` image, about ``val_fraction`` of the training patients (stratified by
-    class, seeded) become the validation set. A patient on two sides of the dataset's own split
-    is logged as a warning, not an error: the split is the dataset's, reproduced as published.
-
-    Raises:
-        ValueError: no ``split`` column, an unknown split name, or no train or test image.
-    """
-    from pipeline.split_folds import carve_validation
-
-    frames = manifest[manifest["status"] == "used"].copy()
-    if "split" not in frames.columns:
-        raise ValueError("folds.method=fixed needs a manifest 'split' column (dataset kinds "
-                         "image_folders, medmnist_npz); use folds.method=stratified_group_kfold")
-    frames["patient"] = frames["patient"].astype(str)
-    frames["split"] = frames["split"].fillna("").astype(str)
-    bad = sorted(set(frames["split"]) - set(SPLITS))
-    if bad:
-        raise ValueError(f"manifest split values {bad} are not train/val/test")
-    for needed in ("train", "test"):
-        if not (frames["split"] == needed).any():
-            raise ValueError(f"the fixed split has no '{needed}' image")
-    per_source = (frames.groupby(["source", "patient", "class", "label", "split"], as_index=False)
-                  .size().rename(columns={"size": "frames"}))
-    if not (per_source["split"] == "val").any():
-        train = per_source[per_source["split"] == "train"]
-        val = carve_validation(frames[frames["split"] == "train"], train["patient"].unique(),
-                               float(val_fraction), int(seed))
-        per_source.loc[(per_source["split"] == "train") & per_source["patient"].isin(val),
-                       "split"] = "val"
-        log.info("no validation images in the fixed split: %d training patients carved as "
-                 "validation (val_fraction %s, seed %s)", len(val), val_fraction, seed)
-    sides = {s: set(per_source.loc[per_source["split"] == s, "patient"]) for s in SPLITS}
-    for a, b in (("train", "val"), ("train", "test"), ("val", "test")):
-        both = sides[a] & sides[b]
-        if both:
-            log.warning("fixed split: %d patient(s) in both %s and %s (the dataset's own split), "
-                        "e.g. %s", len(both), a, b, sorted(both)[:5])
-    per_source.insert(0, "fold", 0)
-    return per_source[["fold", "source", "patient", "class", "label", "frames", "split"]]

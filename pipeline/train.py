@@ -30,8 +30,8 @@ import torch
 
 from pipeline.checkpoint import save_checkpoint
 from pipeline.config import ConfigError, apply_overrides, get, load_params, select_run
-from pipeline.data import (FrameStore, augment_batch, fold_frames, interpolation_of,
-                           subsample_per_source, used_frames)
+from pipeline.data import (FrameStore, audited_splits, augment_batch, fold_frames,
+                           interpolation_of, subsample_per_source, used_frames)
 from pipeline.steps import (CudaGraphStep, current_lr, lr_to_device, make_adam, optimize_step,
                             precision, set_lr)
 from pipeline.tracking import Tracker, standard_tags
@@ -326,7 +326,7 @@ def run(params: Mapping, model_name: str, loss_name: str, folds: Sequence[int],
     ds, fcfg, tcfg = get(params, "dataset"), get(params, "folds"), get(params, "train")
     classes = list(ds["classes"])
     frames = used_frames(ds["frames_dir"])
-    splits = pd.read_csv(Path(fcfg["dir"]) / "splits.csv", dtype={"patient": str})
+    splits = audited_splits(params)
     unknown = sorted(set(folds) - set(splits["fold"]))
     if unknown:
         raise ConfigError(f"folds {unknown} do not exist (splits have {sorted(splits['fold'].unique())})")

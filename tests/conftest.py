@@ -1,13 +1,20 @@
-"""Shared fixtures: small real media files written by the tests, and the real dataset path."""
+"""Shared fixtures: small real media files and tiny projects written by the tests, and the real
+dataset path."""
 
 from __future__ import annotations
 
+import contextlib
 import os
 from pathlib import Path
 
 import cv2
 import numpy as np
+import pandas as pd
 import pytest
+import yaml
+
+from pipeline.audit import main as audit_main
+from pipeline.config import compose
 
 os.environ.setdefault("DVC_NO_ANALYTICS", "1")
 os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
@@ -39,8 +46,71 @@ def frame_level_to_index(img: np.ndarray) -> int:
     return 28 * hi + lo
 
 
+def natural_image(rng: np.random.Generator, height: int = 96, width: int = 96) -> np.ndarray:
+    """A grey image with the 1/f amplitude spectrum of natural images and radiographs: its
+    perceptual hash survives resizing and re-encoding (copies within a few bits of 256), and
+    two such images are about half the bits apart."""
+    fy = np.fft.fftfreq(height)[:, None]
+    fx = np.fft.rfftfreq(width)[None, :]
+    radius = np.hypot(fy, fx)
+    radius[0, 0] = 1.0
+    shape = (height, width // 2 + 1)
+    spectrum = (rng.normal(size=shape) + 1j * rng.normal(size=shape)) / radius
+    img = np.fft.irfft2(spectrum, s=(height, width))
+    return ((img - img.min()) / np.ptp(img) * 255).astype(np.uint8)
+
+
 @pytest.fixture
 def shared_lus() -> Path:
     if not SHARED_LUS.is_dir():
         pytest.skip(f"real dataset not found at {SHARED_LUS}")
     return SHARED_LUS
+
+
+CLASSES = ("covid", "pneumonia", "healthy")
+PREFIX = {"covid": "Cov", "pneumonia": "Pneu", "healthy": "Reg"}
+# Per class: patient 0 is test in fold 0, 1 is val, 2 and 3 train; fold 1 rotates by two.
+ROLES = {0: ["test", "val", "train", "train"], 1: ["train", "train", "test", "val"]}
+
+
+def make_tiny_project(root: Path, *, epochs: int = 3, folds: tuple[int, ...] = (0,),
+                      frames_per_source: int = 4, tracking_uri: str | None = None,
+                      required: bool = False) -> dict:
+    """A project dir with 3 classes x 4 patients x 1 video, its manifest, 2-fold splits,
+    params.yaml (32 px images, CPU, no AMP) and the audit report of those folds. Returns the
+    params written."""
+    rng = np.random.default_rng(0)
+    frames_dir, folds_dir = root / "data" / "frames", root / "data" / "folds"
+    frames_dir.mkdir(parents=True)
+    folds_dir.mkdir(parents=True)
+    rows, split_rows = [], []
+    for label, cls in enumerate(CLASSES):
+        for p in range(4):
+            source = f"pocus_videos/convex/{PREFIX[cls]}_p{p}.avi"
+            patient = f"file:{PREFIX[cls]}_p{p}"
+            for i in range(frames_per_source):
+                name = f"pocus_videos__convex__{PREFIX[cls]}_p{p}__f{i:05d}.jpg"
+                img = rng.integers(0, 80, (40, 40, 3), dtype=np.uint8)
+                img[:, : 10 + 10 * label] += 120  # a class signal the model can pick up
+                cv2.imwrite(str(frames_dir / name), img)
+                rows.append({"frame": name, "source": source, "class": cls, "label": label,
+                             "probe": "convex", "kind": "video", "patient": patient,
+                             "frame_index": i, "time_s": i / 3, "fps": 30.0, "width": 40,
+                             "height": 40, "status": "used", "reason": ""})
+            for fold, roles in ROLES.items():
+                split_rows.append({"fold": fold, "source": source, "patient": patient,
+                                   "class": cls, "label": label, "frames": frames_per_source,
+                                   "split": roles[p]})
+    pd.DataFrame(rows).to_csv(frames_dir / "manifest.csv", index=False)
+    pd.DataFrame(split_rows).to_csv(folds_dir / "splits.csv", index=False)
+    params = compose([])
+    params["dataset"].update(frames_dir="data/frames")
+    params["folds"].update(dir="data/folds", k=2)
+    params["train"].update(image_size=32, epochs=epochs, batch_size=8, max_frames_per_source=None,
+                           folds=list(folds), device="cpu", amp=False, channels_last=False)
+    params["tracking"].update(uri=tracking_uri or f"sqlite:///{root / 'mlruns' / 'mlflow.db'}",
+                              required=required)
+    (root / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+    with contextlib.chdir(root):  # the real leakage audit, which training requires
+        assert audit_main([]) == 0
+    return params

@@ -11,13 +11,20 @@ import pandas as pd
 import pytest
 
 from pipeline.config import ConfigError, compose
-from pipeline.datasets import (DatasetError, label_map, make_fixed_splits, prepare,
+from pipeline.datasets import (DatasetError, label_map, prepare,
                                prepare_image_folders, prepare_image_manifest, prepare_medmnist_npz)
 from pipeline.extract_frames import MANIFEST_COLUMNS
-from pipeline.split_folds import check_no_leakage, make_splits
+from pipeline.split_folds import check_no_leakage, make_fixed_splits, make_splits
 
 ROOT = Path(__file__).resolve().parent.parent
 REAL_NPZ = ROOT.parent / "shared" / "datasets" / "medmnist" / "pneumoniamnist.npz"
+
+
+def fixed_splits(manifest: pd.DataFrame, **overrides) -> pd.DataFrame:
+    """``make_fixed_splits`` with the ``folds=fixed`` config (and ``overrides`` of it)."""
+    cfg = {**compose(["folds=fixed"])["folds"], **overrides}
+    return make_fixed_splits(manifest, float(cfg["val_fraction"]), int(cfg["seed"]),
+                             int(cfg["val_candidates"]))[0]
 
 
 def _img(mode: str, size: tuple[int, int] = (12, 10), value: int = 100) -> np.ndarray:
@@ -140,7 +147,7 @@ def test_patients_stay_together_through_make_splits(tmp_path: Path):
     m = prepare_image_manifest(raw, tmp_path / "frames", manifest_ds(), strict=True)
     assert (m.status == "used").sum() == len(rows)
     cfg = compose(["experiment=cxr_covid_resnet50", "folds.k=5"])["folds"]
-    splits = make_splits(m, cfg)
+    splits, _ = make_splits(m, cfg)
     check_no_leakage(splits)
     for _, part in splits.groupby("fold"):
         sides = part.groupby("patient")["split"].nunique()
@@ -186,7 +193,7 @@ def test_image_folders_split_column_and_accounting(kermany: Path, tmp_path: Path
     assert pats["train/PNEUMONIA/person100_virus_9.jpeg"] == pats[
         "train/PNEUMONIA/person100_bacteria_0.jpeg"] == "name:person100"
     assert pats["train/NORMAL/IM-0100-0001.jpeg"] == "name:IM-0100"
-    splits = make_fixed_splits(m)
+    splits = fixed_splits(m)
     assert set(splits.fold) == {0}
     assert splits.groupby("split").frames.sum().to_dict() == {"train": 13, "val": 4, "test": 6}
 
@@ -199,14 +206,14 @@ def test_image_folders_unknown_class_folder_and_carved_validation(kermany: Path,
     m = prepare_image_folders(kermany, tmp_path / "f2", ds, strict=False)
     assert m.loc[m.source == "train/COVID/x.png", "status"].item() == "skipped"
     assert m.loc[m.source == "val/NORMAL/IM-0200-0001.jpeg", "status"].item() == "excluded"
-    splits = make_fixed_splits(m, val_fraction=0.25, seed=1)
+    splits = fixed_splits(m, val_fraction=0.25, seed=1)
     sides = {s: set(splits.loc[splits.split == s, "patient"]) for s in ("train", "val", "test")}
     assert sides["val"] and not sides["val"] & sides["train"]
     assert splits.loc[splits.split == "test"].frames.sum() == 6
     # the patient with two images is carved as a whole
     pair = splits[splits.patient == "name:person100"]
     assert pair.split.nunique() == 1 and len(pair) == 2
-    assert make_fixed_splits(m, val_fraction=0.25, seed=1).equals(splits)
+    assert fixed_splits(m, val_fraction=0.25, seed=1).equals(splits)
 
 
 def _npz(path: Path, sizes=(("train", 8), ("val", 3), ("test", 4)), labels=(0, 1)) -> Path:
@@ -234,7 +241,7 @@ def test_medmnist_npz_lossless_frames_and_fixed_split(tmp_path: Path):
             assert np.array_equal(f[..., 0], npz[f"{split}_images"][int(idx)])
             assert r.label == int(npz[f"{split}_labels"][int(idx), 0])
     assert (m.patient == "file:" + m.source).all()
-    splits = make_fixed_splits(m)
+    splits = fixed_splits(m)
     assert splits.groupby("split").size().to_dict() == {"train": 8, "test": 4, "val": 3}
 
 
@@ -256,7 +263,7 @@ def test_real_pneumoniamnist_reproduces_the_official_split(tmp_path: Path):
     ds = compose(["experiment=pneumoniamnist"])["dataset"]
     assert verify_folder(REAL_NPZ.parent, read_checksums(ROOT / ds["checksums"])) == []
     m = prepare(ds["kind"], REAL_NPZ.parent, tmp_path / "frames", ds, strict=True)  # reads only
-    splits = make_fixed_splits(m)
+    splits = fixed_splits(m)
     counts = splits.groupby(["split", "class"]).size().to_dict()
     assert counts == {("train", "normal"): 1214, ("train", "pneumonia"): 3494,
                       ("val", "normal"): 135, ("val", "pneumonia"): 389,
@@ -269,8 +276,8 @@ def test_dispatcher_and_config_errors(tmp_path: Path):
     with pytest.raises(ConfigError, match="'1' is listed under both"):
         label_map({"a": [1], "b": ["1"]})
     with pytest.raises(ValueError, match="needs a manifest 'split' column"):
-        make_fixed_splits(pd.DataFrame({"source": ["a"], "patient": ["a"], "class": ["x"],
-                                        "label": [0], "status": ["used"]}))
+        fixed_splits(pd.DataFrame({"source": ["a"], "patient": ["a"], "class": ["x"],
+                                   "label": [0], "status": ["used"]}))
 
 
 @pytest.mark.parametrize("experiment", ["cxr_covid_resnet50", "cxr_pneumonia_mobilenetv2",

@@ -18,7 +18,7 @@ import pytest
 import yaml
 
 from tests.conftest import PROJECT_ROOT
-from tests.test_resume import make_tiny_project
+from tests.conftest import make_tiny_project
 
 pytestmark = pytest.mark.slow
 

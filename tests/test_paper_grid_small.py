@@ -10,7 +10,7 @@ import pytest
 import yaml
 
 from pipeline.config import compose
-from tests.test_resume import make_tiny_project
+from tests.conftest import make_tiny_project
 
 pytestmark = pytest.mark.slow
 

@@ -2,8 +2,7 @@
 as an uninterrupted run (CPU), and a killed ``dvc repro`` leaves no stage that a later
 ``dvc repro`` takes as done.
 
-``make_tiny_project`` (also used by ``test_tracking.py``) writes a real, tiny project: frames,
-manifest, splits and a ``params.yaml`` composed from ``conf/`` with small overrides.
+The tiny projects come from ``tests.conftest.make_tiny_project``.
 """
 
 from __future__ import annotations
@@ -25,53 +24,7 @@ import torch
 import yaml
 
 from pipeline.config import compose
-from tests.conftest import PROJECT_ROOT
-
-CLASSES = ("covid", "pneumonia", "healthy")
-PREFIX = {"covid": "Cov", "pneumonia": "Pneu", "healthy": "Reg"}
-# Per class: patient 0 is test in fold 0, 1 is val, 2 and 3 train; fold 1 rotates by two.
-ROLES = {0: ["test", "val", "train", "train"], 1: ["train", "train", "test", "val"]}
-
-
-def make_tiny_project(root: Path, *, epochs: int = 3, folds: tuple[int, ...] = (0,),
-                      frames_per_source: int = 4, tracking_uri: str | None = None,
-                      required: bool = False) -> dict:
-    """A project dir with 3 classes x 4 patients x 1 video, its manifest, 2-fold splits and
-    params.yaml (32 px images, CPU, no AMP). Returns the params written."""
-    rng = np.random.default_rng(0)
-    frames_dir, folds_dir = root / "data" / "frames", root / "data" / "folds"
-    frames_dir.mkdir(parents=True)
-    folds_dir.mkdir(parents=True)
-    rows, split_rows = [], []
-    for label, cls in enumerate(CLASSES):
-        for p in range(4):
-            source = f"pocus_videos/convex/{PREFIX[cls]}_p{p}.avi"
-            patient = f"file:{PREFIX[cls]}_p{p}"
-            for i in range(frames_per_source):
-                name = f"pocus_videos__convex__{PREFIX[cls]}_p{p}__f{i:05d}.jpg"
-                img = rng.integers(0, 80, (40, 40, 3), dtype=np.uint8)
-                img[:, : 10 + 10 * label] += 120  # a class signal the model can pick up
-                cv2.imwrite(str(frames_dir / name), img)
-                rows.append({"frame": name, "source": source, "class": cls, "label": label,
-                             "probe": "convex", "kind": "video", "patient": patient,
-                             "frame_index": i, "time_s": i / 3, "fps": 30.0, "width": 40,
-                             "height": 40, "status": "used", "reason": ""})
-            for fold, roles in ROLES.items():
-                split_rows.append({"fold": fold, "source": source, "patient": patient,
-                                   "class": cls, "label": label, "frames": frames_per_source,
-                                   "split": roles[p]})
-    pd.DataFrame(rows).to_csv(frames_dir / "manifest.csv", index=False)
-    pd.DataFrame(split_rows).to_csv(folds_dir / "splits.csv", index=False)
-    params = compose([])
-    params["dataset"].update(frames_dir="data/frames")
-    params["folds"].update(dir="data/folds", k=2)
-    params["train"].update(image_size=32, epochs=epochs, batch_size=8, max_frames_per_source=None,
-                           folds=list(folds), device="cpu", amp=False, channels_last=False)
-    params["tracking"].update(uri=tracking_uri or f"sqlite:///{root / 'mlruns' / 'mlflow.db'}",
-                              required=required)
-    (root / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
-    return params
-
+from tests.conftest import PROJECT_ROOT, make_tiny_project
 
 def _env() -> dict[str, str]:
     # One thread: the same reduction order in every run, and no fight over the 2 shared cores.

@@ -6,9 +6,10 @@ import numpy as np
 import pandas as pd
 import pytest
 
+from pipeline.config import ConfigError
 from pipeline.split_folds import LeakageError, check_no_leakage, fold_table, make_splits
 
-CFG = {"k": 5, "seed": 42, "validation": "train_patients", "val_fraction": 0.15}
+CFG = {"k": 5, "seed": 42, "validation": "train_patients", "val_fraction": 0.15, "val_candidates": 50}
 CLASSES = ["covid", "pneumonia", "healthy"]
 
 
@@ -30,7 +31,7 @@ def synthetic_manifest(n_patients: int = 60, seed: int = 0) -> pd.DataFrame:
 
 def test_no_patient_on_two_sides_and_every_patient_tested_once():
     manifest = synthetic_manifest()
-    splits = make_splits(manifest, CFG)
+    splits, _ = make_splits(manifest, CFG)
     used = manifest[manifest.status == "used"]
     test = splits[splits.split == "test"]
     # every source in exactly one test fold, every patient tested exactly once
@@ -49,11 +50,11 @@ def test_no_patient_on_two_sides_and_every_patient_tested_once():
 
 def test_folds_are_stratified_and_reproducible():
     manifest = synthetic_manifest(n_patients=100)
-    a = make_splits(manifest, CFG)
-    b = make_splits(manifest.sample(frac=1, random_state=3), CFG)
+    a, _ = make_splits(manifest, CFG)
+    b, _ = make_splits(manifest.sample(frac=1, random_state=3), CFG)
     key = ["fold", "source"]
     assert a.sort_values(key).reset_index(drop=True).equals(b.sort_values(key).reset_index(drop=True))
-    c = make_splits(manifest, {**CFG, "seed": 7})
+    c, _ = make_splits(manifest, {**CFG, "seed": 7})
     assert not a.sort_values(key).reset_index(drop=True).equals(c.sort_values(key).reset_index(drop=True))
     table = fold_table(a, CLASSES)
     # each test fold holds every class, with frame counts near a fifth of the total
@@ -65,7 +66,7 @@ def test_folds_are_stratified_and_reproducible():
 
 
 def test_leakage_is_detected():
-    splits = make_splits(synthetic_manifest(), CFG)
+    splits, _ = make_splits(synthetic_manifest(), CFG)
     bad = splits.copy()
     # put one training source of fold 0 under a patient tested in fold 0
     test_patient = bad.loc[(bad.fold == 0) & (bad.split == "test"), "patient"].iloc[0]
@@ -76,13 +77,61 @@ def test_leakage_is_detected():
 
 
 def test_test_fold_validation_is_the_leaky_study_protocol():
-    splits = make_splits(synthetic_manifest(), {**CFG, "validation": "test_fold"})
+    splits, _ = make_splits(synthetic_manifest(), {**CFG, "validation": "test_fold"})
     for _, part in splits.groupby("fold"):
         assert set(part.loc[part.split == "val", "source"]) == set(part.loc[part.split == "test", "source"])
-    with pytest.raises(ValueError, match="train_patients"):
+    with pytest.raises(ConfigError, match="train_patients"):
         make_splits(synthetic_manifest(), {**CFG, "validation": "typo"})
 
 
 def test_too_few_patients_is_a_clear_error():
-    with pytest.raises(ValueError, match="folds.k"):
+    with pytest.raises(ConfigError, match="folds.k"):
         make_splits(synthetic_manifest(n_patients=3), CFG)
+
+
+def dominated_manifest(seed: int = 0) -> pd.DataFrame:
+    """The lung-ultrasound shape that skewed validation: per class a dozen patients with one
+    short video each, and a few healthy patients with six long videos each."""
+    rng = np.random.default_rng(seed)
+    rows = []
+    for p in range(36):
+        label = p % 3
+        videos = 6 if label == 2 and p % 9 == 2 else 1
+        for v in range(videos):
+            for f in range(30 if videos > 1 else int(rng.integers(4, 12))):
+                rows.append({"frame": f"p{p}_v{v}_f{f}.jpg", "source": f"p{p}_v{v}.mp4",
+                             "class": CLASSES[label], "label": label, "patient": f"pat{p}",
+                             "status": "used"})
+    return pd.DataFrame(rows)
+
+
+def test_validation_covers_every_class_with_training_shares():
+    manifest = dominated_manifest()
+    splits, carving = make_splits(manifest, CFG)
+    val = fold_table(splits, CLASSES, "val")
+    for row in val.to_dict("records"):
+        train = splits[(splits.fold == row["fold"]) & (splits.split == "train")]
+        for cls in CLASSES:
+            n_train = train.loc[train["class"] == cls, "patient"].nunique() + row[f"{cls}_patients"]
+            assert row[f"{cls}_patients"] >= (2 if n_train >= 6 else 1), (row, cls)
+            assert abs(row[f"{cls}_share"] - row[f"{cls}_train_share"]) <= 0.10 + 1e-9, (row, cls)
+        assert carving[row["fold"]]["share_gap"] <= 0.10
+    # one draw (the old way: any stratified pick) lets a long healthy patient dominate somewhere
+    _, one_draw = make_splits(manifest, {**CFG, "val_candidates": 1})
+    assert max(c["share_gap"] for c in one_draw.values()) > max(c["share_gap"] for c in carving.values())
+    again, _ = make_splits(manifest, CFG)
+    assert again.equals(splits)  # seeded
+
+
+def test_linked_patients_share_one_side_in_every_fold():
+    manifest = synthetic_manifest(n_patients=40)
+    groups = {f"pat{p}": f"pat{p}" for p in range(40)}
+    groups.update({"pat3": "pat1", "pat1": "pat1", "pat7": "pat1", "pat20": "pat20", "pat21": "pat20"})
+    splits, _ = make_splits(manifest, CFG, groups)
+    for _, part in splits.groupby("fold"):
+        for members in (["pat1", "pat3", "pat7"], ["pat20", "pat21"]):
+            assert part.loc[part.patient.isin(members), "split"].nunique() == 1
+    linked = splits[splits.patient.isin(["pat1", "pat3", "pat7"])]
+    assert set(linked["group"]) == {"pat1"}
+    unlinked, _ = make_splits(manifest, CFG)
+    assert (unlinked["group"] == unlinked["patient"]).all()

@@ -20,7 +20,8 @@ from torch import nn
 import pipeline.steps as steps
 from pipeline.config import ConfigError
 from pipeline.steps import CudaGraphStep, current_lr, make_adam, precision, set_lr, small_net
-from tests.test_resume import make_tiny_project, one_thread  # noqa: F401 (fixture)
+from tests.conftest import make_tiny_project
+from tests.test_resume import one_thread  # noqa: F401 (fixture)
 
 cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 

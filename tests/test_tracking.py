@@ -22,7 +22,7 @@ import yaml
 from pipeline.config import compose
 from pipeline.tracking import TrackingError
 from tests.conftest import PROJECT_ROOT
-from tests.test_resume import make_tiny_project
+from tests.conftest import make_tiny_project
 
 FORBIDDEN = ("/root", "/home/", "password", "token")
 

@@ -13,7 +13,8 @@ import yaml
 from pipeline.config import ConfigError
 from pipeline.data import FrameStore, decode_frames, resize_square
 from pipeline.train import lr_milestones, milestones_passed
-from tests.test_resume import _train_in_process, make_tiny_project
+from tests.conftest import make_tiny_project
+from tests.test_resume import _train_in_process
 
 
 def test_milestones_count_as_multisteplr():
