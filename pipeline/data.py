@@ -23,7 +23,7 @@ import torch
 import torch.nn.functional as F
 
 from pipeline.config import get, load_params
-from pipeline.duplicates import sha256_file
+from pipeline.files import sha256_file
 
 log = logging.getLogger("pipeline.data")
 

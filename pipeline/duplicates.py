@@ -17,7 +17,6 @@ Methods (``folds.link_duplicates.method``): ``off``; ``exact`` (identical frame 
 
 from __future__ import annotations
 
-import hashlib
 from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
 
@@ -26,17 +25,11 @@ import numpy as np
 import pandas as pd
 from PIL import Image, UnidentifiedImageError
 
+from pipeline.files import sha256_file
+
 HASH_SIZE = 16  # pHash of a 16 x 16 DCT block: 256 bits
 METHODS = ("off", "exact", "perceptual")
 MAX_EVIDENCE = 5  # frame pairs kept per linked patient pair
-
-
-def sha256_file(path: str | Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
 
 
 def perceptual_hash(image: Image.Image) -> np.ndarray:

@@ -35,6 +35,7 @@ from pathlib import Path
 
 import pandas as pd
 import yaml
+from omegaconf import OmegaConf
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
@@ -235,11 +236,13 @@ def keep_folds(runs: Path, checkout_folds: Path) -> None:
         shutil.copy(checkout_folds / n, stored / n)
 
 
-def collect_paper(sources: list[Path], dest: Path) -> dict:
+def collect_paper(sources: list[Path], dest: Path, checkout_folds: Path | None = None) -> dict:
+    """Merge device sessions into ``dest/runs`` and redo the reports; ``checkout_folds`` (this
+    checkout's ``folds.dir`` by default) must hold the store's split, or not exist."""
     runs = dest / "runs"
     sessions = [ingest(s, runs) for s in sources]
     params = compose(["experiment=paper"])
-    keep_folds(runs, ROOT / params["folds"]["dir"])
+    keep_folds(runs, checkout_folds or ROOT / params["folds"]["dir"])
     k = int(params["folds"]["k"])
     prog = progress(params, runs)
     prog.to_csv(dest / "grid_progress.csv", index=False)
@@ -340,10 +343,12 @@ def collect_experiment(archive: Path, dest: Path, overrides: list[str], code_rev
         work = Path(tmp)
         with tarfile.open(archive) as tar:
             tar.extractall(work, filter="data")
-        params = yaml.safe_load((work / "params.yaml").read_text())
+        archived = yaml.safe_load((work / "params.yaml").read_text())
+        # Keys the archive predates take today's defaults; its own values win.
+        default = compose([f"experiment={archived['profile']}"])
+        params = OmegaConf.to_container(OmegaConf.merge(default, archived))
         # The data come from this checkout's sources (the device's path means nothing here);
         # the checksum list makes sure they are the same files.
-        default = compose([f"experiment={params['profile']}"])
         sources = [s if "://" in s else str(resolve_path(s, ROOT)) for s in default["dataset"]["sources"]]
         params = apply_overrides(params, [f"dataset.sources={json.dumps(sources)}",
                                           "binary.tsne=false", *overrides])

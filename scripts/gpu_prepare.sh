@@ -1,12 +1,14 @@
 #!/usr/bin/env bash
 # Prepare, on this machine, what `scripts/gpu_session.sh` needs on a GPU machine that has PyTorch
 # but neither this project's other packages nor its data:
-#   .whl/        wheels of hydra-core, omegaconf, antlr4 runtime, timm, pytorchcv (pure Python)
+#   .whl/        wheels of hydra-core, omegaconf, antlr4 runtime, timm, pytorchcv (pure Python) and
+#                imagehash + PyWavelets (duplicate linking and the audit; CPython 3.12 x86-64)
 #   .gpu/medmnist/pneumoniamnist.npz   the PneumoniaMNIST archive (from the dataset's sources)
 #   .gpu/jobs.txt                      the paper-grid folds not yet done, per
 #                                      reports/paper_gpu/grid_progress.csv (nearly complete rows
 #                                      first, NASNet last: its folds are the slowest)
-# and the extracted frames and folds (data/frames, data/folds) via `dvc repro split_folds`.
+# and the extracted frames, folds and their audit (data/frames, data/folds, reports/audit.json)
+# via `dvc repro audit`: training refuses folds that the audit has not passed.
 # Both folders are ignored by git (.git/info/exclude); carry them with the device tool:
 #   carry: data/frames data/folds .whl .gpu
 #
@@ -18,7 +20,11 @@ mkdir -p .whl .gpu/medmnist
 # All five are pure Python (py3-none-any); antlr4 4.9.3 exists only as source, so pip builds it.
 python -m pip wheel -q --no-deps -w .whl \
   hydra-core==1.3.8 omegaconf==2.3.1 antlr4-python3-runtime==4.9.3 timm==1.0.31 pytorchcv==0.0.74
-dvc repro split_folds
+python -m pip download -q --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
+  --platform manylinux_2_17_x86_64 --platform manylinux2014_x86_64 --platform manylinux_2_27_x86_64 \
+  --platform manylinux_2_28_x86_64 -d .whl \
+  imagehash==4.3.2 pywavelets==1.9.0
+dvc repro audit
 python - <<'PY'
 from pathlib import Path
 import shutil

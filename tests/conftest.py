@@ -60,11 +60,20 @@ def natural_image(rng: np.random.Generator, height: int = 96, width: int = 96) -
     return ((img - img.min()) / np.ptp(img) * 255).astype(np.uint8)
 
 
+def require_shared_lus() -> Path:
+    """The real lung-ultrasound data; missing, the test fails under CI (which always has
+    ``../shared``) and skips elsewhere."""
+    if not SHARED_LUS.is_dir():
+        message = f"real dataset not found at {SHARED_LUS}"
+        if os.environ.get("CI") == "true":
+            pytest.fail(f"{message}: CI must have ../shared beside the checkout")
+        pytest.skip(message)
+    return SHARED_LUS
+
+
 @pytest.fixture
 def shared_lus() -> Path:
-    if not SHARED_LUS.is_dir():
-        pytest.skip(f"real dataset not found at {SHARED_LUS}")
-    return SHARED_LUS
+    return require_shared_lus()
 
 
 CLASSES = ("covid", "pneumonia", "healthy")

@@ -169,7 +169,7 @@ def test_a_row_with_five_folds_is_reported_before_its_other_loss_finishes(tmp_pa
     ce_rows = [c.name.removesuffix("-ce") for c in sorted((dest / "runs").glob("*-ce"))
                if all((c / f"fold_{k}" / "test_predictions.csv").is_file() for k in range(5))]
     assert "mini_covidnet" in ce_rows
-    summary = collect.collect_paper([], dest)
+    summary = collect.collect_paper([], dest, checkout_folds=tmp_path / "no_checkout_folds")
     assert summary["complete_models"] == []
     assert summary["rows_by_loss"] == {"ce": ce_rows}
     assert not (dest / "README.md").exists() and not (dest / "focal_rows").exists()

@@ -70,17 +70,16 @@ def edit_yaml(path: Path, **changes) -> None:
 
 @pytest.fixture(scope="module")
 def project(tmp_path_factory, request) -> Path:
-    from tests.conftest import SHARED_LUS
+    from tests.conftest import require_shared_lus
 
-    if not SHARED_LUS.is_dir():
-        pytest.skip(f"real dataset not found at {SHARED_LUS}")
+    shared = require_shared_lus()
     base = tmp_path_factory.mktemp("e2e")
     # the data subset, with its own checksum list (as a user with another mirror would have)
     data = base / "lus_subset"
     lines = []
     for rel in SUBSET:
         (data / rel).parent.mkdir(parents=True, exist_ok=True)
-        shutil.copyfile(SHARED_LUS / rel, data / rel)
+        shutil.copyfile(shared / rel, data / rel)
         lines.append(f"{hashlib.sha256((data / rel).read_bytes()).hexdigest()}  {rel}")
     proj = copy_project(base / "project")
     (proj / "data" / "subset.sha256").write_text("\n".join(lines) + "\n")

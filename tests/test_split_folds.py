@@ -2,9 +2,13 @@
 
 from __future__ import annotations
 
+import json
+from pathlib import Path
+
 import numpy as np
 import pandas as pd
 import pytest
+import yaml
 
 from pipeline.config import ConfigError
 from pipeline.split_folds import LeakageError, check_no_leakage, fold_table, make_splits
@@ -135,3 +139,35 @@ def test_linked_patients_share_one_side_in_every_fold():
     assert set(linked["group"]) == {"pat1"}
     unlinked, _ = make_splits(manifest, CFG)
     assert (unlinked["group"] == unlinked["patient"]).all()
+
+
+@pytest.mark.slow
+def test_real_lung_ultrasound_folds_link_one_pair_and_validate_fairly(shared_lus, tmp_path, monkeypatch):
+    """The default params on the whole real dataset: fetch, extract, split. The perceptual
+    threshold links exactly one pair of ids (two Northumbria images that are one picture), no
+    distinct patients; every fold's validation meets the coverage and class-share rules."""
+    from pipeline.extract_frames import main as extract_main
+    from pipeline.fetch_data import main as fetch_main
+    from pipeline.split_folds import main as split_main
+    from tests.conftest import PROJECT_ROOT
+
+    params = yaml.safe_load((PROJECT_ROOT / "params.yaml").read_text())
+    params["dataset"]["sources"] = [str(shared_lus)]
+    params["dataset"]["checksums"] = str(PROJECT_ROOT / params["dataset"]["checksums"])
+    monkeypatch.chdir(tmp_path)
+    Path("params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+    fetch_main([])
+    extract_main([])
+    split_main([])
+    links = json.loads(Path("data/folds/links.json").read_text())
+    assert [g["patients"] for g in links] == [["meta:192", "meta:198"]]
+    assert links[0]["links"][0]["min_distance"] <= params["folds"]["link_duplicates"]["threshold"]
+    splits = pd.read_csv("data/folds/splits.csv")
+    val = pd.read_csv("data/folds/val_table.csv")
+    assert len(val) == params["folds"]["k"]
+    for row in val.to_dict("records"):
+        train = splits[(splits.fold == row["fold"]) & (splits.split == "train")]
+        for cls in CLASSES:
+            n_groups = train.loc[train["class"] == cls, "group"].nunique() + row[f"{cls}_patients"]
+            assert row[f"{cls}_patients"] >= (2 if n_groups >= 6 else 1), (row, cls)
+            assert abs(row[f"{cls}_share"] - row[f"{cls}_train_share"]) <= 0.10, (row, cls)
