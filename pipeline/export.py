@@ -348,7 +348,8 @@ def export_config(params: Mapping) -> dict:
 
     defaults = {"formats": list(FORMATS), "opset": DEFAULT_OPSET, "parity_frames": 32,
                 "parity_split": "test", "calibration_frames": 64, "calibration_split": "train",
-                "tolerance": dict(DEFAULT_TOLERANCE), "min_top1_agreement": dict(DEFAULT_MIN_TOP1)}
+                "tolerance": dict(DEFAULT_TOLERANCE), "min_top1_agreement": dict(DEFAULT_MIN_TOP1),
+                "all_formats_folds": None}
     cfg = dict(params.get("export") or {})
     unknown = sorted(set(cfg) - set(defaults))
     if unknown:
@@ -360,6 +361,15 @@ def export_config(params: Mapping) -> dict:
     if bad:
         raise ConfigError(f"export.formats has unknown format(s) {bad} (valid: {list(FORMATS)})")
     return merged
+
+
+def fold_formats(cfg: Mapping, fold: int) -> list[str]:
+    """Formats of one fold: all of ``export.formats`` for the folds in
+    ``export.all_formats_folds`` (null: every fold), ONNX alone for the others."""
+    chosen = cfg["all_formats_folds"]
+    if chosen is None or fold in chosen:
+        return list(cfg["formats"])
+    return [f for f in cfg["formats"] if f == "onnx"]
 
 
 def summarize(records: Sequence[Mapping]) -> dict:
@@ -413,17 +423,18 @@ def main(argv: Sequence[str] | None = None) -> None:
     out_root = Path(args.out_dir) if args.out_dir else Path("exports") / run_dir.name
     records: list[dict] = []
     for fold, ckpt_path in checkpoints.items():
+        formats = fold_formats(cfg, fold)
         model, ckpt = load_model(ckpt_path)
         size = int(ckpt["image_size"])
         log.info("fold %d: %s (%s, %d px) -> %s", fold, ckpt_path, type(model).__name__, size,
                  out_root / f"fold_{fold}")
         images, labels = _frames(fold, cfg["parity_split"], size, cfg["parity_frames"])
         calibration = None
-        if "tflite_int8_full" in cfg["formats"]:
+        if "tflite_int8_full" in formats:
             calibration, _ = _frames(fold, cfg["calibration_split"], size,
                                      cfg["calibration_frames"])
         records += export_model(model, out_root / f"fold_{fold}", size, images, labels,
-                                calibration, cfg["formats"], cfg["tolerance"],
+                                calibration, formats, cfg["tolerance"],
                                 cfg["min_top1_agreement"], cfg["opset"], strict=False,
                                 extra={"fold": fold})
     summary = {"run": run_dir.name, "passed": all(r["passed"] for r in records),

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import shutil
 
 import numpy as np
 import pytest
@@ -195,6 +196,17 @@ def test_main_exports_every_fold_and_writes_parity_json(tmp_path, monkeypatch):
                 "tolerance", "passed"} <= set(r)
     assert (out_dir / "fold_1" / "model_fp32.tflite").is_file()
     assert frames == [(0, "test", SIZE, 4), (1, "test", SIZE, 4)]  # no int8_full: no calibration
+
+    # export.all_formats_folds: the other folds get ONNX only
+    params["export"]["all_formats_folds"] = [1]
+    (tmp_path / "params.yaml").write_text(yaml.safe_dump(params))
+    shutil.rmtree(out_dir)
+    export.main(["--run-dir", "models/tiny-ce"])
+    summary = json.loads((out_dir / "parity.json").read_text())
+    assert [(r["fold"], r["format"]) for r in summary["records"]] == [
+        (0, "onnx"), (1, "onnx"), (1, "tflite_fp32")]
+    assert not (out_dir / "fold_0" / "model_fp32.tflite").exists()
+    del params["export"]["all_formats_folds"]
 
     params["export"].update(formats=["onnx"], tolerance={"onnx": -1.0})  # impossible to meet
     (tmp_path / "params.yaml").write_text(yaml.safe_dump(params))
