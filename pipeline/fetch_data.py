@@ -20,12 +20,13 @@ import zipfile
 from collections.abc import Sequence
 from pathlib import Path
 
+from pipeline.cli import UserError, run_main
 from pipeline.config import get, load_params, resolve_path
 
 log = logging.getLogger("pipeline.fetch_data")
 
 
-class DataSourceError(RuntimeError):
+class DataSourceError(RuntimeError, UserError):
     """No source could provide the dataset as the checksum list describes it."""
 
 
@@ -107,7 +108,7 @@ def fetch(sources: Sequence[str], checksums: dict[str, str], dest: Path) -> dict
                     raise DataSourceError(shown)
             except (OSError, DataSourceError, tarfile.TarError, zipfile.BadZipFile) as exc:
                 log.warning("source %s rejected: %s", source, exc)
-                failures.append(f"  {source}: {exc}")
+                failures.append(f"{source}: {exc}")
                 continue
             if dest.exists():
                 shutil.rmtree(dest)
@@ -118,8 +119,9 @@ def fetch(sources: Sequence[str], checksums: dict[str, str], dest: Path) -> dict
             total = sum((dest / n).stat().st_size for n in checksums)
             log.info("took %d files (%.1f MB) from %s", len(checksums), total / 1e6, source)
             return {"source": source, "files": len(checksums), "bytes": total}
-    raise DataSourceError("no data source could provide the dataset:\n" + "\n".join(failures)
-                          + "\nFix a source in params (dataset.sources) or restore the file.")
+    raise DataSourceError("no source in dataset.sources provides the dataset as its checksum list "
+                          "(dataset.checksums) pins it: " + " | ".join(failures)
+                          + ". Restore the files, or fix dataset.sources")
 
 
 def write_checksums(folder: Path) -> str:
@@ -148,11 +150,16 @@ def main(argv: Sequence[str] | None = None) -> None:
         raise DataSourceError("dataset.checksums is not set: pin the data first with "
                               "`python -m pipeline.fetch_data --write-checksums FOLDER > "
                               "data/<name>.sha256` and name that file in dataset.checksums")
-    checksums = read_checksums(resolve_path(listed, root=Path.cwd()))
+    listed_path = resolve_path(listed, root=Path.cwd())
+    if not listed_path.is_file():
+        raise DataSourceError(f"checksum list {listed} (dataset.checksums) not found: run from "
+                              f"the project root, or pin the data with `python -m "
+                              f"pipeline.fetch_data --write-checksums FOLDER > {listed}`")
+    checksums = read_checksums(listed_path)
     record = fetch(get(ds, "sources"), checksums, Path(get(ds, "raw_dir")))
     Path("data").mkdir(exist_ok=True)
     Path("data/fetch.json").write_text(json.dumps(record, indent=2) + "\n")
 
 
 if __name__ == "__main__":
-    main(sys.argv[1:])
+    run_main(main)
