@@ -224,10 +224,11 @@ def process_file(item: InputFile, raw_dir: str, out_dir: str, rate_hz: float, ma
             res.error = "video has no decodable frame"
         elif index == 1 and exhausted:
             fmt = still_image_format(path)
-            content = f" (its content is a {fmt} image)" if fmt else ""
-            res.excluded = (f"a 'video' that decodes to a single frame{content}: a still image "
-                            f"under a video name; give it an image extension to use it as an "
-                            f"image, or replace it with the real video")
+            res.excluded = "a 'video' that decodes to a single frame" + (
+                f" (its content is a {fmt} image): a still image under a video name; give it "
+                f"an image extension to use it as an image" if fmt else
+                ": a still image or a damaged video; replace it with the real video, or save "
+                "the frame as an image to use it")
             for row in res.rows:
                 (Path(out_dir) / row["frame"]).unlink(missing_ok=True)
             res.rows = []
