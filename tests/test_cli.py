@@ -100,3 +100,19 @@ def test_run_main_exit_codes_and_condensed_message(capsys):
     assert exit_.value.code == 0
     with pytest.raises(KeyError):  # a bug is not a user error: its traceback stays
         run_main(lambda argv: {}["x"], [])
+
+
+@pytest.mark.parametrize("module", ["fetch_data", "extract_frames", "train", "evaluate", "grid"])
+def test_stage_outside_a_checkout_names_params_yaml(tmp_path, module):
+    args = ["model=mini_covidnet", "loss=ce"] if module == "train" else []
+    line = error_line(stage([f"pipeline.{module}", *args], tmp_path))
+    assert "params.yaml not found" in line and "python -m pipeline.config > params.yaml" in line
+
+
+def test_train_typo_lists_the_valid_keys_before_any_work():
+    line = error_line(stage(["pipeline.train", "model=mini_covidnet", "loss=ce", "tran.epochs=3"],
+                            PROJECT_ROOT))
+    assert line.startswith("error: unknown config key 'tran.epochs': 'tran' is not under <top "
+                           "level> (valid keys: ")
+    line = error_line(stage(["pipeline.train", "model=mobilenet", "loss=ce"], PROJECT_ROOT))
+    assert "unknown model 'mobilenet'" in line and "mini_covidnet" in line
