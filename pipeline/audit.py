@@ -28,6 +28,7 @@ from pathlib import Path
 
 import pandas as pd
 
+from pipeline.cli import run_main
 from pipeline.config import get, load_params
 from pipeline.data import audit_inputs
 from pipeline.duplicates import cross_patient_pairs, frame_hashes
@@ -236,4 +237,4 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main(sys.argv[1:]))
+    run_main(main)

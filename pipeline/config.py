@@ -15,11 +15,13 @@ from typing import Any
 import yaml
 from omegaconf import OmegaConf
 
+from pipeline.cli import UserError
+
 PROJECT_ROOT = Path(__file__).resolve().parent.parent
 CONF_DIR = PROJECT_ROOT / "conf"
 
 
-class ConfigError(ValueError):
+class ConfigError(ValueError, UserError):
     """A configuration key or value that the pipeline cannot run with."""
 
 
@@ -39,19 +41,38 @@ def compose(overrides: Sequence[str] = (), conf_dir: str | Path = CONF_DIR) -> d
         with initialize_config_dir(config_dir=str(Path(conf_dir).resolve()), version_base=None):
             cfg = hydra_compose(config_name="config", overrides=list(overrides))
     except (ConfigCompositionException, MissingConfigException, OverrideParseException) as exc:
-        raise ConfigError(f"cannot compose {conf_dir} with overrides {list(overrides)}: "
-                          f"{exc}{_group_choices(exc, conf_dir)}") from exc
+        raise _explain(exc, list(overrides), Path(conf_dir)) from exc
     return OmegaConf.to_container(cfg, resolve=True)  # type: ignore[return-value]
 
 
-def _group_choices(exc: Exception, conf_dir: str | Path) -> str:
-    groups = sorted(p.name for p in Path(conf_dir).iterdir() if p.is_dir())
-    lines = []
-    for group in groups:
-        if group in str(exc):
-            options = sorted(p.stem for p in (Path(conf_dir) / group).glob("*.yaml"))
-            lines.append(f"valid choices for '{group}': {', '.join(options)}")
-    return ("\n" + "\n".join(lines)) if lines else ""
+def _explain(exc: Exception, overrides: list[str], conf_dir: Path) -> ConfigError:
+    """One line that names the bad override and lists what is valid (Hydra's own message, e.g.
+    "Key 'tran' is not in struct", names neither the valid keys nor the valid choices)."""
+    groups = {p.name: sorted(q.stem for q in p.glob("*.yaml"))
+              for p in conf_dir.iterdir() if p.is_dir()}
+    selections = [o for o in overrides if o.split("=", 1)[0].split("@", 1)[0] in groups]
+    for item in overrides:
+        key, sep, value = item.partition("=")
+        group = key.split("@", 1)[0]
+        if sep and group in groups and value not in groups[group] and value != "null":
+            return ConfigError(f"override '{item}': no option '{value}' in conf/{group}/ "
+                               f"(valid choices for '{group}': {', '.join(groups[group])})")
+    base = None
+    for item in overrides:
+        key, sep, _ = item.partition("=")
+        if not sep or key.startswith(("+", "~")) or key.split("@", 1)[0] in groups:
+            continue
+        if base is None:
+            try:
+                base = compose(selections, conf_dir)
+            except ConfigError:
+                break
+        try:
+            get(base, key)
+        except ConfigError as missing:
+            return ConfigError(f"override '{item}': {missing}")
+    first = next((line.strip() for line in str(exc).splitlines() if line.strip()), repr(exc))
+    return ConfigError(f"cannot compose {conf_dir} with overrides {overrides}: {first}")
 
 
 def load_params(path: str | Path = "params.yaml") -> dict:
@@ -126,12 +147,21 @@ def resolve_path(path: str | Path, root: str | Path | None = None) -> Path:
 
 
 def main(argv: Sequence[str] | None = None) -> None:
-    """Print the composed config as YAML: ``python -m pipeline.config [overrides...] > params.yaml``."""
+    """Print the composed config as YAML: ``python -m pipeline.config [overrides...] > params.yaml``;
+    ``python -m pipeline.config check [overrides...]`` only checks them (the overrides of a
+    ``dvc exp run -S ...``, whose own error, "Key 'tran' is not in struct", lists no valid keys):
+    an unknown key or group option ends in one ``error:`` line with the valid ones."""
     import sys
 
     args = list(sys.argv[1:] if argv is None else argv)
+    if args[:1] == ["check"]:
+        compose(args[1:])
+        print(f"ok: conf/ composes with {args[1:]}", file=sys.stderr)
+        return
     print(yaml.safe_dump(compose(args), sort_keys=False), end="")
 
 
 if __name__ == "__main__":
-    main()
+    from pipeline.cli import run_main
+
+    run_main(main)

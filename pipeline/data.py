@@ -22,6 +22,7 @@ import pandas as pd
 import torch
 import torch.nn.functional as F
 
+from pipeline.cli import UserError
 from pipeline.config import get, load_params
 from pipeline.files import sha256_file
 
@@ -136,7 +137,7 @@ class FrameStore:
         return torch.from_numpy(np.ascontiguousarray(self.array[idx]))
 
 
-class AuditError(RuntimeError):
+class AuditError(RuntimeError, UserError):
     """The folds have not passed the leakage audit (or changed since they did)."""
 
 

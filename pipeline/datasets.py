@@ -18,7 +18,8 @@ Kinds (``dataset.kind``):
 As in the video extraction, every input is accounted for: an image that gives no frame has a
 row with status ``excluded`` (left out by the selection) or ``skipped`` (unusable: missing or
 unreadable file, unknown label), and in strict mode any ``skipped`` input raises
-:class:`DatasetError` naming it.
+:class:`DatasetError` naming it. An image whose smaller side is below ``dataset.min_side`` is
+``excluded`` with the reason (implausible input).
 """
 
 from __future__ import annotations
@@ -33,8 +34,9 @@ import cv2
 import numpy as np
 import pandas as pd
 
+from pipeline.cli import UserError
 from pipeline.config import ConfigError
-from pipeline.extract_frames import IMAGE_EXTS, MANIFEST_COLUMNS, to_rgb8
+from pipeline.extract_frames import IMAGE_EXTS, MANIFEST_COLUMNS, strict_error, to_rgb8, too_small
 
 log = logging.getLogger("pipeline.datasets")
 
@@ -43,8 +45,13 @@ SPLITS = ("train", "val", "test")
 JPEG_QUALITY = 95
 
 
-class DatasetError(RuntimeError):
-    """An input image or label the adapter cannot use (strict mode), or a malformed dataset."""
+class DatasetError(RuntimeError, UserError):
+    """An input image or label the adapter cannot use (strict mode), or a malformed dataset.
+
+    ``manifest``: in strict mode, the manifest as stopped (for the stage to write).
+    """
+
+    manifest: pd.DataFrame | None = None
 
 
 # --------------------------------------------------------------------------------------------
@@ -77,16 +84,20 @@ def _frame_name(source: str, ext: str, taken: set[str]) -> str:
     return name
 
 
-def _convert(job: tuple[str, str, int | None, str]) -> tuple[int, int] | str:
-    """Read one image file, write it as an 8-bit 3-channel frame; (width, height) or an error."""
-    src, dst, max_side, fmt = job
+def _convert(job: tuple[str, str, int | None, str, int | None]) -> tuple[str, object]:
+    """Read one image file, write it as an 8-bit 3-channel frame: ``("used", (width, height))``,
+    ``("skipped", error)``, or ``("excluded", reason)`` below ``min_side`` (nothing written)."""
+    src, dst, max_side, fmt, min_side = job
     try:
         img = cv2.imread(src, cv2.IMREAD_UNCHANGED)
         if img is None:
-            return "not a readable image (OpenCV could not decode it)"
-        return _write_frame(to_rgb8(img), Path(dst), max_side, fmt)
+            return "skipped", "not a readable image (OpenCV could not decode it)"
+        small = too_small(img.shape[1], img.shape[0], min_side)
+        if small:
+            return "excluded", small
+        return "used", _write_frame(to_rgb8(img), Path(dst), max_side, fmt)
     except (OSError, cv2.error) as exc:
-        return f"{type(exc).__name__}: {exc}"
+        return "skipped", f"{type(exc).__name__}: {exc}"
 
 
 def _write_frame(bgr: np.ndarray, path: Path, max_side: int | None, fmt: str) -> tuple[int, int]:
@@ -102,7 +113,7 @@ def _write_frame(bgr: np.ndarray, path: Path, max_side: int | None, fmt: str) ->
     return int(img.shape[1]), int(img.shape[0])
 
 
-def _convert_all(jobs: list[tuple[str, str, int | None, str]], workers: int) -> list:
+def _convert_all(jobs: list[tuple[str, str, int | None, str, int | None]], workers: int) -> list:
     if workers > 1 and len(jobs) > 64:
         with ProcessPoolExecutor(max_workers=workers) as pool:
             return list(pool.map(_convert, jobs, chunksize=32))
@@ -112,18 +123,26 @@ def _convert_all(jobs: list[tuple[str, str, int | None, str]], workers: int) -> 
 def _convert_pending(pending: list[tuple[str, Path, dict]], frames_dir: Path, ds: Mapping,
                      fmt: str, rows: list[dict], problems: list[str]) -> None:
     """Write one frame per ``(source, image path, row fields)`` (``dataset.workers`` processes)
-    and add its manifest row: used, or skipped with the reason the image could not be read."""
+    and add its manifest row: used, skipped with the reason the image could not be read, or
+    excluded below ``dataset.min_side``."""
     taken: set[str] = set()
     names = [_frame_name(source, fmt, taken) for source, _, _ in pending]
-    jobs = [(str(path), str(frames_dir / name), ds.get("frame_max_side"), fmt)
+    jobs = [(str(path), str(frames_dir / name), ds.get("frame_max_side"), fmt, ds.get("min_side"))
             for (_, path, _), name in zip(pending, names)]
     results = _convert_all(jobs, int(ds.get("workers") or 1))
-    for (source, _, base), name, result in zip(pending, names, results):
-        if isinstance(result, str):
+    implausible = []
+    for (source, _, base), name, (status, result) in zip(pending, names, results):
+        if status == "skipped":
             problems.append(f"{source}: {result}")
             rows.append(_row(source, status="skipped", reason=result, **base))
+        elif status == "excluded":
+            implausible.append(f"{source}: {result}")
+            rows.append(_row(source, status="excluded", reason=result, **base))
         else:
             rows.append(_row(source, status="used", frame=name, size=result, **base))
+    if implausible:
+        log.warning("excluded %d implausible image(s) (recorded in the manifest):\n  %s",
+                    len(implausible), "\n  ".join(implausible[:50]))
 
 
 def _frame_format(ds: Mapping, default: str) -> str:
@@ -159,9 +178,7 @@ def _finish(rows: list[dict], problems: list[str], classes: Sequence[str], stric
         msg = "\n  ".join(problems[:50]) + (f"\n  ... and {len(problems) - 50} more"
                                             if len(problems) > 50 else "")
         if strict:
-            raise DatasetError(f"{len(problems)} input problem(s) in {what}:\n  {msg}\nFix or "
-                               "remove the files, or set dataset.strict=false to skip them (each "
-                               "skip is recorded in the manifest).")
+            raise strict_error(DatasetError, problems, what, manifest)
         log.warning("skipped %d input(s) of %s (recorded in the manifest):\n  %s",
                     len(problems), what, msg)
     log.info("%s: %d images used, %d excluded, %d skipped", what, len(used),
@@ -415,6 +432,10 @@ def prepare_medmnist_npz(raw_dir: Path, frames_dir: Path, ds: Mapping, strict: b
                     continue
                 name = f"{split}_{i:05d}.{fmt}"
                 img = np.asarray(img)
+                small = too_small(img.shape[1], img.shape[0], ds.get("min_side"))
+                if small:
+                    rows.append(_row(source, status="excluded", reason=small, **base))
+                    continue
                 if img.ndim == 3 and img.shape[2] == 3:  # MedMNIST colour sets are RGB
                     img = img[:, :, ::-1]
                 size = _write_frame(to_rgb8(img), frames_dir / name,

@@ -447,4 +447,6 @@ def main(argv: Sequence[str] | None = None) -> None:
 
 
 if __name__ == "__main__":
-    main(sys.argv[1:])
+    from pipeline.cli import run_main
+
+    run_main(main)

@@ -5,6 +5,16 @@ at most ``max_frames`` per video; a still image is one frame. Every file under t
 gets at least one manifest row: a row per frame kept, or one row saying why the file gave none
 (``excluded`` by the selection, or ``skipped`` because it could not be used), so no input file
 vanishes from the accounting.
+
+Implausible inputs are ``excluded`` with the reason, never used silently: an image or video
+whose frames have a side below ``dataset.min_side`` pixels, and a "video" that decodes to a single
+frame (a still image under a video name, e.g. a PNG renamed ``.mp4`` or a one-frame GIF).
+
+The stage writes its frames into ``<frames_dir>.partial`` and moves that into place, manifest
+included, only when it succeeds. When strict mode stops it, ``<frames_dir>`` holds only
+``manifest.csv``, accounting for every file: the problems (``skipped`` with the reason), the
+exclusions, and the files that were fine (``skipped``, "not written: ..."), so no later stage can
+take it for a finished store (it has no ``used`` row).
 """
 
 from __future__ import annotations
@@ -14,6 +24,7 @@ import logging
 import math
 import multiprocessing
 import re
+import shutil
 import sys
 import time
 from collections import Counter
@@ -26,6 +37,7 @@ import cv2
 import numpy as np
 import pandas as pd
 
+from pipeline.cli import UserError, run_main
 from pipeline.config import get, load_params
 
 log = logging.getLogger("pipeline.extract_frames")
@@ -39,8 +51,18 @@ MANIFEST_COLUMNS = ["frame", "source", "class", "label", "probe", "kind", "patie
 DEFAULT_DECODE_TIMEOUT_S = 120.0
 
 
-class ExtractionError(RuntimeError):
-    """A selected input file could not be turned into frames (strict mode)."""
+class ExtractionError(RuntimeError, UserError):
+    """A selected input file could not be turned into frames (strict mode).
+
+    ``manifest``: the stage's manifest as stopped (see :func:`stopped_manifest`), when known.
+    """
+
+    manifest: pd.DataFrame | None = None
+
+
+# Magic bytes of still-image formats, to say what a one-frame "video" really is.
+_IMAGE_MAGIC = ((b"\x89PNG", "PNG"), (b"\xff\xd8\xff", "JPEG"), (b"GIF8", "GIF"), (b"BM", "BMP"),
+                (b"II*\x00", "TIFF"), (b"MM\x00*", "TIFF"))
 
 
 @dataclass
@@ -62,6 +84,7 @@ class Result:
     source: str
     rows: list[dict] = field(default_factory=list)
     error: str = ""
+    excluded: str = ""          # an implausible input (too small, a still as a video): why
 
 
 def sample_indices(n_frames: int, fps: float, rate_hz: float, max_frames: int) -> list[int]:
@@ -112,10 +135,33 @@ def _write(img: np.ndarray, out_dir: Path, name: str, max_side: int | None, qual
         raise OSError(f"could not write frame {out_dir / name}")
 
 
+def too_small(width: int, height: int, min_side: int | None, what: str = "image") -> str:
+    """The exclusion reason of an input whose smaller side is below ``min_side`` ("" if not)."""
+    if not min_side or min(width, height) >= int(min_side):
+        return ""
+    return (f"{what} of {width}x{height} px, below dataset.min_side={int(min_side)} px "
+            f"(implausible input; lower dataset.min_side if such inputs are real)")
+
+
+def still_image_format(path: Path) -> str:
+    """``PNG``, ``JPEG``, ... if the file's first bytes are those of a still-image format."""
+    try:
+        with path.open("rb") as f:
+            head = f.read(8)
+    except OSError:
+        return ""
+    if head[:4] == b"RIFF" and path.stat().st_size >= 12:
+        with path.open("rb") as f:
+            return "WebP" if f.read(12)[8:12] == b"WEBP" else ""
+    return next((name for magic, name in _IMAGE_MAGIC if head.startswith(magic)), "")
+
+
 def process_file(item: InputFile, raw_dir: str, out_dir: str, rate_hz: float, max_frames: int,
-                 max_side: int | None, quality: int = 95) -> Result:
+                 max_side: int | None, min_side: int | None = None, quality: int = 95) -> Result:
     """Decode one selected file and write its frames. Errors are returned, not raised, so the
-    caller decides (strict or skip) with the whole picture."""
+    caller decides (strict or skip) with the whole picture; an implausible input (smaller side
+    below ``min_side``, or a "video" of a single frame) is returned as ``excluded``, no frame
+    written."""
     path = Path(raw_dir) / item.source
     res = Result(item.source)
     base = {"source": item.source, "class": item.cls, "label": item.label, "probe": item.probe,
@@ -130,6 +176,9 @@ def process_file(item: InputFile, raw_dir: str, out_dir: str, rate_hz: float, ma
                 res.error = "not a readable image (OpenCV could not decode it)"
                 return res
             img = to_rgb8(img)
+            res.excluded = too_small(img.shape[1], img.shape[0], min_side)
+            if res.excluded:
+                return res
             name = _frame_name(item.source, 0)
             _write(img, Path(out_dir), name, max_side, quality)
             res.rows.append({**base, "frame": name, "frame_index": 0, "time_s": 0.0, "fps": "",
@@ -148,10 +197,17 @@ def process_file(item: InputFile, raw_dir: str, out_dir: str, rate_hz: float, ma
                 return res
             step = max(1, int(fps / rate_hz))
             index = 0
+            exhausted = False
             while len(res.rows) < max_frames:
                 ok, frame = cap.read()
                 if not ok:
+                    exhausted = True
                     break
+                if index == 0:
+                    res.excluded = too_small(frame.shape[1], frame.shape[0], min_side,
+                                             "video frames")
+                    if res.excluded:
+                        return res
                 if index % step == 0:
                     frame = to_rgb8(frame)
                     name = _frame_name(item.source, index)
@@ -160,10 +216,22 @@ def process_file(item: InputFile, raw_dir: str, out_dir: str, rate_hz: float, ma
                                      "time_s": round(index / fps, 4), "fps": round(fps, 3),
                                      "width": frame.shape[1], "height": frame.shape[0]})
                 index += 1
+            if index == 1 and not exhausted:  # stopped by max_frames: is there a second frame?
+                exhausted = not cap.read()[0]
         finally:
             cap.release()
         if not res.rows:
             res.error = "video has no decodable frame"
+        elif index == 1 and exhausted:
+            fmt = still_image_format(path)
+            res.excluded = "a 'video' that decodes to a single frame" + (
+                f" (its content is a {fmt} image): a still image under a video name; give it "
+                f"an image extension to use it as an image" if fmt else
+                ": a still image or a damaged video; replace it with the real video, or save "
+                "the frame as an image to use it")
+            for row in res.rows:
+                (Path(out_dir) / row["frame"]).unlink(missing_ok=True)
+            res.rows = []
     except (OSError, cv2.error) as exc:
         res.error = f"{type(exc).__name__}: {exc}"
     return res
@@ -414,33 +482,101 @@ def extract(raw_dir: Path, out_dir: Path, ds: Mapping, *, workers: int = 1,
                          "frame_index": "", "time_s": "", "fps": "", "width": "", "height": "",
                          "status": status, "reason": item.excluded})
     args = (str(raw_dir), str(out_dir), float(ds["rate_hz"]), int(ds["max_frames"]),
-            ds.get("frame_max_side"))
+            ds.get("frame_max_side"), ds.get("min_side"))
     timeout_s = ds.get("decode_timeout_s", DEFAULT_DECODE_TIMEOUT_S)
     timeout_s = float(timeout_s) if timeout_s else None
     results = _decode_all(selected, args, workers, timeout_s, decode)
+    implausible = []
     for item, res in zip(selected, results):
-        if res.error:
+        if res.excluded:
+            implausible.append(f"{item.source}: {res.excluded}")
+            rows.append({"frame": "", "source": item.source, "class": item.cls, "label": item.label,
+                         "probe": item.probe, "kind": item.kind, "patient": item.patient,
+                         "frame_index": "", "time_s": "", "fps": "", "width": "", "height": "",
+                         "status": "excluded", "reason": res.excluded})
+        elif res.error:
             problems.append(f"{item.source}: {res.error}")
             rows.append({"frame": "", "source": item.source, "class": item.cls, "label": item.label,
                          "probe": item.probe, "kind": item.kind, "patient": item.patient,
                          "frame_index": "", "time_s": "", "fps": "", "width": "", "height": "",
                          "status": "skipped", "reason": res.error})
         rows.extend(res.rows)
+    if implausible:
+        log.warning("excluded %d implausible input(s) (recorded in the manifest):\n  %s",
+                    len(implausible), "\n  ".join(implausible))
     manifest = pd.DataFrame(rows, columns=MANIFEST_COLUMNS)
     used = manifest[manifest.status == "used"]
     for cls in get(ds, "classes"):
         if not (used["class"] == cls).any():
             problems.append(f"class '{cls}' has no frame after the selection "
                             f"(probes={list(ds['probes'])}): widen the selection or drop the class")
+    check_accounting(items, manifest)
     if problems:
         msg = "\n  ".join(problems)
         if strict:
-            # Frames already written stay; DVC discards outputs of a failed stage.
-            raise ExtractionError(f"{len(problems)} input problem(s):\n  {msg}\n"
-                                  "Fix or remove the files, or set dataset.strict=false to skip "
-                                  "them (each skip is recorded in the manifest).")
+            raise strict_error(ExtractionError, problems, str(raw_dir), manifest)
         log.warning("skipped %d input(s) (recorded in the manifest):\n  %s", len(problems), msg)
-    check_accounting(items, manifest)
+    return manifest
+
+
+def strict_error(cls: type, problems: Sequence[str], where: str, manifest: pd.DataFrame):
+    """The error strict mode stops with: the first problem and the fix on the first line (what
+    ``run_main`` prints), every problem on the next lines and in the log, and the manifest as
+    stopped (:func:`stopped_manifest`) attached for the caller to write."""
+    shown = "\n  ".join(problems[:50]) + (f"\n  ... and {len(problems) - 50} more"
+                                          if len(problems) > 50 else "")
+    log.error("%d input problem(s) in %s:\n  %s", len(problems), where, shown)
+    exc = cls(f"{len(problems)} input problem(s) in {where}, first: {problems[0]}; fix or remove "
+              f"the files, or set dataset.strict=false to skip them\n  {shown}")
+    exc.manifest = stopped_manifest(manifest, len(problems))
+    return exc
+
+
+def stopped_manifest(manifest: pd.DataFrame, n_problems: int) -> pd.DataFrame:
+    """The manifest of a stage that strict mode stopped: every input keeps its row, but no frame
+    is kept, so a file that gave frames becomes one ``skipped`` row saying it was not written.
+    With no ``used`` row, no later stage can mistake it for a finished frames store."""
+    used = manifest["status"] == "used"
+    rest = manifest[~used]
+    fine = manifest[used].groupby("source", sort=False)
+    notes = []
+    for source, part in fine:
+        row = part.iloc[0].to_dict()
+        row.update(frame="", frame_index="", time_s="", status="skipped",
+                   reason=f"not written: the stage stopped on {n_problems} input problem(s) "
+                          f"(dataset.strict=true); this file gave {len(part)} frame(s)")
+        notes.append(row)
+    return pd.concat([rest, pd.DataFrame(notes, columns=manifest.columns)], ignore_index=True)
+
+
+def build_store(frames_dir: Path, build: Callable[[Path], pd.DataFrame]) -> pd.DataFrame:
+    """Run ``build(folder)`` (writes frames into ``folder``, returns the manifest) so that
+    ``frames_dir`` is replaced only by a finished store: frames and ``manifest.csv`` go to
+    ``<frames_dir>.partial`` first, which is moved into place on success. When strict mode stops
+    the build, ``frames_dir`` is left holding only the stopped manifest (see
+    :func:`stopped_manifest`), and the error points to it.
+    """
+    frames_dir = Path(frames_dir)
+    partial = frames_dir.with_name(frames_dir.name + ".partial")
+    shutil.rmtree(partial, ignore_errors=True)
+    partial.mkdir(parents=True)
+    try:
+        manifest = build(partial)
+        manifest.to_csv(partial / "manifest.csv", index=False, quoting=csv.QUOTE_MINIMAL)
+    except UserError as exc:
+        shutil.rmtree(partial, ignore_errors=True)
+        stopped = getattr(exc, "manifest", None)
+        if stopped is not None:
+            shutil.rmtree(frames_dir, ignore_errors=True)
+            frames_dir.mkdir(parents=True)
+            stopped.to_csv(frames_dir / "manifest.csv", index=False, quoting=csv.QUOTE_MINIMAL)
+            exc.details = f"every file's status and reason are in {frames_dir / 'manifest.csv'}"
+        raise
+    except BaseException:
+        shutil.rmtree(partial, ignore_errors=True)
+        raise
+    shutil.rmtree(frames_dir, ignore_errors=True)
+    partial.rename(frames_dir)
     return manifest
 
 
@@ -468,20 +604,23 @@ def main(argv: Sequence[str] | None = None) -> None:
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     params = load_params()
     ds = get(params, "dataset")
-    out_dir = Path(ds["frames_dir"])
     kind = ds.get("kind", "lus_videos")
+    raw_dir = Path(ds["raw_dir"])
+    Path(ds["frames_summary"]).unlink(missing_ok=True)  # no stale summary beside a failed run
     if kind == "lus_videos":
-        manifest = extract(Path(ds["raw_dir"]), out_dir, ds, workers=int(ds["workers"]),
+        def build(out_dir: Path) -> pd.DataFrame:
+            return extract(raw_dir, out_dir, ds, workers=int(ds["workers"]),
                            strict=bool(ds["strict"]))
     else:  # image datasets (chest X-ray folders, MedMNIST) produce the same manifest
         from pipeline.datasets import prepare
 
-        manifest = prepare(kind, Path(ds["raw_dir"]), out_dir, ds, strict=bool(ds["strict"]))
-    manifest.to_csv(out_dir / "manifest.csv", index=False, quoting=csv.QUOTE_MINIMAL)
+        def build(out_dir: Path) -> pd.DataFrame:
+            return prepare(kind, raw_dir, out_dir, ds, strict=bool(ds["strict"]))
+    manifest = build_store(Path(ds["frames_dir"]), build)
     info = summary(manifest)
     Path(ds["frames_summary"]).write_text(json.dumps(info, indent=2) + "\n")
     log.info("frames: %s", info)
 
 
 if __name__ == "__main__":
-    main(sys.argv[1:])
+    run_main(main)

@@ -8,7 +8,6 @@ is rejected with the file named, and the next source is tried.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 import shutil
@@ -20,12 +19,14 @@ import zipfile
 from collections.abc import Sequence
 from pathlib import Path
 
+from pipeline.cli import UserError, run_main
 from pipeline.config import get, load_params, resolve_path
+from pipeline.files import sha256_file
 
 log = logging.getLogger("pipeline.fetch_data")
 
 
-class DataSourceError(RuntimeError):
+class DataSourceError(RuntimeError, UserError):
     """No source could provide the dataset as the checksum list describes it."""
 
 
@@ -42,14 +43,6 @@ def read_checksums(path: str | Path) -> dict[str, str]:
     return sums
 
 
-def sha256(path: Path, chunk: int = 1 << 20) -> str:
-    h = hashlib.sha256()
-    with path.open("rb") as f:
-        while block := f.read(chunk):
-            h.update(block)
-    return h.hexdigest()
-
-
 def verify_folder(folder: Path, checksums: dict[str, str]) -> list[str]:
     """Problems found in ``folder`` against the list: missing or altered files (empty if none)."""
     problems = []
@@ -57,7 +50,7 @@ def verify_folder(folder: Path, checksums: dict[str, str]) -> list[str]:
         f = folder / name
         if not f.is_file():
             problems.append(f"missing file {name}")
-        elif sha256(f) != digest:
+        elif sha256_file(f) != digest:
             problems.append(f"altered file {name} (sha256 differs from the committed list)")
     return problems
 
@@ -107,7 +100,7 @@ def fetch(sources: Sequence[str], checksums: dict[str, str], dest: Path) -> dict
                     raise DataSourceError(shown)
             except (OSError, DataSourceError, tarfile.TarError, zipfile.BadZipFile) as exc:
                 log.warning("source %s rejected: %s", source, exc)
-                failures.append(f"  {source}: {exc}")
+                failures.append(f"{source}: {exc}")
                 continue
             if dest.exists():
                 shutil.rmtree(dest)
@@ -118,8 +111,9 @@ def fetch(sources: Sequence[str], checksums: dict[str, str], dest: Path) -> dict
             total = sum((dest / n).stat().st_size for n in checksums)
             log.info("took %d files (%.1f MB) from %s", len(checksums), total / 1e6, source)
             return {"source": source, "files": len(checksums), "bytes": total}
-    raise DataSourceError("no data source could provide the dataset:\n" + "\n".join(failures)
-                          + "\nFix a source in params (dataset.sources) or restore the file.")
+    raise DataSourceError("no source in dataset.sources provides the dataset as its checksum list "
+                          "(dataset.checksums) pins it: " + " | ".join(failures)
+                          + ". Restore the files, or fix dataset.sources")
 
 
 def write_checksums(folder: Path) -> str:
@@ -128,7 +122,7 @@ def write_checksums(folder: Path) -> str:
     files = sorted(p for p in folder.rglob("*") if p.is_file())
     if not files:
         raise DataSourceError(f"{folder} holds no files")
-    return "".join(f"{sha256(p)}  {p.relative_to(folder).as_posix()}\n" for p in files)
+    return "".join(f"{sha256_file(p)}  {p.relative_to(folder).as_posix()}\n" for p in files)
 
 
 def main(argv: Sequence[str] | None = None) -> None:
@@ -148,11 +142,16 @@ def main(argv: Sequence[str] | None = None) -> None:
         raise DataSourceError("dataset.checksums is not set: pin the data first with "
                               "`python -m pipeline.fetch_data --write-checksums FOLDER > "
                               "data/<name>.sha256` and name that file in dataset.checksums")
-    checksums = read_checksums(resolve_path(listed, root=Path.cwd()))
+    listed_path = resolve_path(listed, root=Path.cwd())
+    if not listed_path.is_file():
+        raise DataSourceError(f"checksum list {listed} (dataset.checksums) not found: run from "
+                              f"the project root, or pin the data with `python -m "
+                              f"pipeline.fetch_data --write-checksums FOLDER > {listed}`")
+    checksums = read_checksums(listed_path)
     record = fetch(get(ds, "sources"), checksums, Path(get(ds, "raw_dir")))
     Path("data").mkdir(exist_ok=True)
     Path("data/fetch.json").write_text(json.dumps(record, indent=2) + "\n")
 
 
 if __name__ == "__main__":
-    main(sys.argv[1:])
+    run_main(main)

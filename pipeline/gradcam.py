@@ -30,12 +30,14 @@ import pandas as pd
 import torch
 from torch import nn
 
+from pipeline.cli import UserError
+
 log = logging.getLogger("pipeline.gradcam")
 
 PREDICTION_FILE = "test_predictions.csv"
 
 
-class GradCamError(RuntimeError):
+class GradCamError(RuntimeError, UserError):
     """A missing input the user can produce (predictions, checkpoint, frame); exit code 2."""
 
 
@@ -335,4 +337,6 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    from pipeline.cli import run_main
+
+    run_main(main)

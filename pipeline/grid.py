@@ -345,10 +345,9 @@ def main(argv: Sequence[str] | None = None) -> None:
 
 
 if __name__ == "__main__":
-    try:
-        # Through the importable module, so Ray ships its functions by reference, not __main__'s.
-        from pipeline import grid
+    from pipeline.cli import run_main
 
-        grid.main()
-    except ConfigError as exc:
-        sys.exit(f"config error: {exc}")
+    # Through the importable module, so Ray ships its functions by reference, not __main__'s.
+    from pipeline import grid
+
+    run_main(grid.main)

@@ -16,7 +16,8 @@ rate, frame cap and frame size default to ``params.yaml``'s ``dataset`` values. 
 reads ``fold_<k>/model.onnx`` from ``--onnx-dir``, else ``exports/<run>/`` next to the run's
 ``models/`` folder, else ``<run>/export/`` (where ``pipeline.export`` writes). Problems the user
 can fix (missing file, undecodable input, untrained run, missing export) exit with status 2 and a
-message naming the file and the fix.
+message naming the file and the fix. A file that cannot be used costs only itself: it is reported
+on one ``error:`` line, the other files are still predicted, and the command exits 2 at the end.
 """
 
 from __future__ import annotations
@@ -33,6 +34,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
+from pipeline.cli import UserError, error_line, run_main
 from pipeline.extract_frames import IMAGE_EXTS, VIDEO_EXTS, InputFile, process_file
 
 BACKENDS = ("torch", "onnx")
@@ -45,7 +47,7 @@ ONNX_FILE = "model.onnx"
 LogitFn = Callable[[np.ndarray], np.ndarray]
 
 
-class PredictError(RuntimeError):
+class PredictError(RuntimeError, UserError):
     """A problem the user can fix (bad input path, untrained run, missing export); exit code 2."""
 
 
@@ -231,6 +233,20 @@ def input_kind(path: str | Path) -> str:
                        f"({', '.join(sorted(IMAGE_EXTS))})")
 
 
+def input_problem(path: str | Path) -> str:
+    """Why ``path`` cannot be an input (missing, a folder, an unsupported extension), or ""."""
+    path = Path(path)
+    if not path.exists():
+        return f"{path}: file not found; check the path"
+    if not path.is_file():
+        return f"{path}: not a file; pass video or image files, not folders"
+    try:
+        input_kind(path)
+    except PredictError as exc:
+        return str(exc)
+    return ""
+
+
 def check_inputs(paths: Sequence[str | Path]) -> None:
     """Fail early, before any model loads, on paths that cannot be inputs.
 
@@ -240,17 +256,15 @@ def check_inputs(paths: Sequence[str | Path]) -> None:
     if not paths:
         raise PredictError("no input given: pass one or more video or image files")
     for p in paths:
-        path = Path(p)
-        if not path.exists():
-            raise PredictError(f"{path}: file not found; check the path")
-        if not path.is_file():
-            raise PredictError(f"{path}: not a file; pass video or image files, not folders")
-        input_kind(path)
+        problem = input_problem(p)
+        if problem:
+            raise PredictError(problem)
 
 
 def extract_input_frames(path: str | Path, image_size: int, rate_hz: float, max_frames: int,
                          max_side: int | None = FALLBACK_MAX_SIDE, fps: float | None = None,
-                         interpolation: str = "area") -> tuple[np.ndarray, pd.DataFrame, str]:
+                         interpolation: str = "area", min_side: int | None = None
+                         ) -> tuple[np.ndarray, pd.DataFrame, str]:
     """The frames of one file, as training sees them.
 
     Runs the extraction stage's own ``process_file`` (same sampling rule, ``to_rgb8``, JPEG
@@ -264,6 +278,8 @@ def extract_input_frames(path: str | Path, image_size: int, rate_hz: float, max_
         max_frames: At most this many frames per video.
         max_side: Longest side of the written frame (``dataset.frame_max_side``).
         fps: Frame rate to use when the container gives none.
+        min_side: Inputs whose smaller side is below this are refused, as the stage excludes
+            them (``dataset.min_side``); a "video" of one frame is refused too.
 
     Returns:
         ``(uint8 N x 3 x S x S RGB, table with frame_index/time_s/fps/width/height, kind)``.
@@ -277,7 +293,10 @@ def extract_input_frames(path: str | Path, image_size: int, rate_hz: float, max_
     kind = input_kind(path)
     item = InputFile(source=path.name, kind=kind, probe="", fps_hint=fps)
     with tempfile.TemporaryDirectory(prefix="lus_predict_") as tmp:
-        res = process_file(item, str(path.parent), tmp, float(rate_hz), int(max_frames), max_side)
+        res = process_file(item, str(path.parent), tmp, float(rate_hz), int(max_frames), max_side,
+                           min_side)
+        if res.excluded:
+            raise PredictError(f"{path}: {res.excluded}")
         if res.error:
             if "frame rate" in res.error:
                 fix = "pass its frame rate with --fps"
@@ -317,8 +336,10 @@ def predict_files(paths: Sequence[str | Path], run_dir: str | Path, backend: str
                   ensemble: str = "mean", *, video_agg: str = "mean",
                   rate_hz: float = FALLBACK_RATE_HZ, max_frames: int = FALLBACK_MAX_FRAMES,
                   max_side: int | None = FALLBACK_MAX_SIDE, fps: float | None = None,
-                  onnx_dir: str | Path | None = None, batch_size: int = 64) -> dict[str, Any]:
-    """Classify videos/images with every fold model of a run.
+                  onnx_dir: str | Path | None = None, batch_size: int = 64,
+                  min_side: int | None = None) -> dict[str, Any]:
+    """Classify videos/images with every fold model of a run; a file that cannot be used is
+    listed in ``errors`` and the others are still predicted.
 
     Args:
         paths: Video or image files.
@@ -334,15 +355,17 @@ def predict_files(paths: Sequence[str | Path], run_dir: str | Path, backend: str
         fps: Frame rate for videos whose container gives none.
         onnx_dir: Folder with ``fold_<k>/model.onnx`` for the ONNX backend.
         batch_size: Frames per forward pass.
+        min_side: Smallest side of an input, in pixels (``dataset.min_side``; None: any).
 
     Returns:
         ``{"run", "backend", "ensemble", "video_agg", "classes", "folds", "image_size",
-        "rate_hz", "max_frames", "videos": [...]}``; each video is ``{"file", "kind", "fps",
+        "rate_hz", "max_frames", "videos": [...], "errors": [{"file", "error"}]}``; each video is ``{"file", "kind", "fps",
         "n_frames", "probs": {class: p}, "pred", "frames": [...]}`` and each frame
         ``{"frame_index", "time_s", "probs", "pred", "fold_probs": {fold: {class: p}}}``.
 
     Raises:
-        PredictError: Any problem the user can fix; the message names the file and the fix.
+        PredictError: A problem of the whole command (options, run, models) or no usable input;
+            the message names the file and the fix.
     """
     from pipeline.metrics import aggregate_videos, ensemble_probabilities
 
@@ -351,13 +374,25 @@ def predict_files(paths: Sequence[str | Path], run_dir: str | Path, backend: str
             raise PredictError(f"{name}={value!r}: use one of {', '.join(COMBINE_CHOICES)}")
     if not (rate_hz > 0 and math.isfinite(rate_hz)) or int(max_frames) < 1:
         raise PredictError(f"rate_hz must be > 0 and max_frames >= 1; got {rate_hz}, {max_frames}")
-    check_inputs(paths)
+    if not paths:
+        raise PredictError("no input given: pass one or more video or image files")
+    errors = [{"file": str(p), "error": input_problem(p)} for p in paths if input_problem(p)]
+    if len(errors) == len(paths):  # nothing to predict: no need to load the models
+        raise PredictError("; ".join(e["error"] for e in errors))
     fns, info = load_fold_models(run_dir, backend, onnx_dir)
     classes = info["classes"]
     videos = []
+    failed = {e["file"] for e in errors}
     for p in paths:
-        images, table, kind = extract_input_frames(p, info["image_size"], rate_hz, max_frames,
-                                                   max_side, fps, info["interpolation"])
+        if str(p) in failed:
+            continue
+        try:
+            images, table, kind = extract_input_frames(p, info["image_size"], rate_hz,
+                                                       max_frames, max_side, fps,
+                                                       info["interpolation"], min_side)
+        except PredictError as exc:
+            errors.append({"file": str(p), "error": str(exc)})
+            continue
         per_fold = fold_probabilities(fns, images, batch_size)
         probs = ensemble_probabilities(list(per_fold.values()), ensemble)
         frame_preds = pd.DataFrame({"frame": np.arange(len(probs)), "source": str(p),
@@ -383,7 +418,8 @@ def predict_files(paths: Sequence[str | Path], run_dir: str | Path, backend: str
             "video_agg": video_agg, "classes": classes,
             "folds": sorted(int(k) for k in fns), "image_size": info["image_size"],
             "model_files": {str(k): v for k, v in info["model_files"].items()},
-            "rate_hz": float(rate_hz), "max_frames": int(max_frames), "videos": videos}
+            "rate_hz": float(rate_hz), "max_frames": int(max_frames), "videos": videos,
+            "errors": sorted(errors, key=lambda e: [str(p) for p in paths].index(e["file"]))}
 
 
 def format_table(result: Mapping[str, Any]) -> str:
@@ -443,8 +479,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     """CLI entry point: parse, call :func:`predict_files`, print.
 
     Returns:
-        0 on success, 2 on a problem the user can fix (message on stderr). Bad arguments exit
-        through argparse (SystemExit 2).
+        0 on success, 2 on a problem the user can fix: one ``error:`` line on stderr per file
+        that could not be used (the others are still predicted and printed), or one for a
+        problem of the whole command. Bad arguments exit through argparse (SystemExit 2).
     """
     args = build_parser().parse_args(sys.argv[1:] if argv is None else argv)
     try:
@@ -460,13 +497,16 @@ def main(argv: Sequence[str] | None = None) -> int:
             args.inputs, run_dir, args.backend, args.ensemble, video_agg=args.video_agg,
             rate_hz=rate_hz, max_frames=max_frames,
             max_side=ds.get("frame_max_side", FALLBACK_MAX_SIDE), fps=args.fps,
-            onnx_dir=args.onnx_dir)
-    except PredictError as exc:
-        print(f"error: {exc}", file=sys.stderr)
+            onnx_dir=args.onnx_dir, min_side=ds.get("min_side"))
+    except UserError as exc:  # PredictError, or a ConfigError from params.yaml
+        print(error_line(exc), file=sys.stderr)
         return 2
-    print(json.dumps(result, indent=2) if args.json else format_table(result))
-    return 0
+    if result["videos"]:
+        print(json.dumps(result, indent=2) if args.json else format_table(result), flush=True)
+    for failure in result["errors"]:
+        print(error_line(PredictError(failure["error"])), file=sys.stderr)
+    return 2 if result["errors"] else 0
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    run_main(main)

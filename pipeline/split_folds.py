@@ -28,6 +28,7 @@ import numpy as np
 import pandas as pd
 from sklearn.model_selection import StratifiedGroupKFold
 
+from pipeline.cli import UserError, run_main
 from pipeline.config import ConfigError, get, load_params
 from pipeline.duplicates import METHODS, cross_patient_pairs, frame_hashes, link_groups, linked_groups
 
@@ -38,7 +39,7 @@ SPLIT_COLUMNS = ["fold", "source", "patient", "group", "class", "label", "frames
 MAX_SHARE_GAP = 0.10  # validation vs training share of a class's frames
 
 
-class LeakageError(RuntimeError):
+class LeakageError(RuntimeError, UserError):
     """A patient appears on two sides of a split."""
 
 
@@ -323,4 +324,4 @@ def main(argv: Sequence[str] | None = None) -> None:
 
 
 if __name__ == "__main__":
-    main(sys.argv[1:])
+    run_main(main)

@@ -3,16 +3,25 @@
 The store defaults to an embedded SQLite database in the user's checkout (``mlruns/mlflow.db``,
 artifacts beside it), resolved through ``main_repo_root`` so that runs from
 ``dvc exp run --queue/--temp`` (which work in a copy DVC deletes) land in the main store. If the
-store is unreachable or read-only, training goes on and says that tracking was skipped, unless
-``tracking.required`` is set.
+store is unreachable or read-only, training goes on and says once that tracking was skipped and
+why, unless ``tracking.required`` is set (then a one-line :class:`TrackingError`).
+
+A remote store costs seconds, not minutes, when it is down: an http(s) URI is first probed with
+one TCP connection within ``tracking.timeout_s``, and MLflow's own HTTP calls run with
+``tracking.max_retries`` retries and ``tracking.timeout_s`` per request (MLflow's defaults, 7
+retries with exponential backoff and 120 s, took 4.5 minutes to give up on a closed port). Null
+leaves MLflow's ``MLFLOW_HTTP_REQUEST_*`` environment variables or defaults in charge.
 """
 
 from __future__ import annotations
 
 import json
 import logging
+import math
 import os
+import socket
 import subprocess
+import urllib.parse
 from collections.abc import Mapping
 from contextlib import contextmanager
 from pathlib import Path
@@ -20,6 +29,7 @@ from typing import Any, Iterator
 
 from filelock import FileLock
 
+from pipeline.cli import UserError
 from pipeline.config import main_repo_root
 
 # Set before mlflow is imported anywhere: no telemetry from a reproducible pipeline.
@@ -30,8 +40,59 @@ os.environ.setdefault("DVC_NO_ANALYTICS", "1")
 log = logging.getLogger("pipeline.tracking")
 
 
-class TrackingError(RuntimeError):
+class TrackingError(RuntimeError, UserError):
     """The MLflow store could not be used and ``tracking.required`` is set."""
+
+
+def http_limits(cfg: Mapping) -> dict[str, str]:
+    """MLflow's HTTP environment variables for ``tracking.max_retries`` / ``tracking.timeout_s``
+    (MLflow reads them at every request; its timeout is a whole number of seconds)."""
+    env = {}
+    if cfg.get("max_retries") is not None:
+        env["MLFLOW_HTTP_REQUEST_MAX_RETRIES"] = str(max(0, int(cfg["max_retries"])))
+    if cfg.get("timeout_s") is not None:
+        env["MLFLOW_HTTP_REQUEST_TIMEOUT"] = str(max(1, math.ceil(float(cfg["timeout_s"]))))
+    return env
+
+
+@contextmanager
+def _environ(values: Mapping[str, str]) -> Iterator[None]:
+    """Set environment variables for the duration of a block (MLflow calls), then restore."""
+    old = {k: os.environ.get(k) for k in values}
+    os.environ.update(values)
+    try:
+        yield
+    finally:
+        for k, v in old.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
+
+
+def probe(uri: str, timeout_s: float | None) -> None:
+    """Fail fast if an http(s) tracking server cannot even be connected to.
+
+    Raises:
+        ConnectionError: no TCP connection to the URI's host and port within ``timeout_s``.
+    """
+    parts = urllib.parse.urlsplit(uri)
+    if parts.scheme not in ("http", "https") or not parts.hostname:
+        return
+    port = parts.port or (443 if parts.scheme == "https" else 80)
+    timeout = float(timeout_s) if timeout_s else 10.0
+    try:
+        with socket.create_connection((parts.hostname, port), timeout=timeout):
+            pass
+    except OSError as exc:
+        why = exc.strerror or str(exc) or type(exc).__name__
+        raise ConnectionError(f"cannot connect to {parts.hostname}:{port} within {timeout:g} s "
+                              f"({why})") from exc
+
+
+def _one_line(exc: BaseException) -> str:
+    lines = [line.strip() for line in str(exc).splitlines() if line.strip()]
+    return f"{type(exc).__name__}: {lines[0] if lines else ''}".rstrip(": ")
 
 
 def store_location(uri: str | None) -> tuple[str, str | None]:
@@ -71,11 +132,14 @@ class Tracker:
         self.required = bool(cfg.get("required", False))
         self.enabled = True
         self.reason = ""
+        self.env = http_limits(cfg)
+        uri, artifacts = store_location(cfg.get("uri"))
+        self.uri = uri
         try:
+            probe(uri, cfg.get("timeout_s"))
             import mlflow
 
             self.mlflow = mlflow
-            uri, artifacts = store_location(cfg.get("uri"))
             name = str(cfg.get("experiment") or "default")
             if uri.startswith("sqlite:///"):
                 db = Path(uri.removeprefix("sqlite:///"))
@@ -86,8 +150,8 @@ class Tracker:
                 with FileLock(str(db) + ".lock", timeout=120):
                     self._open(mlflow, uri, name, artifacts)
             else:
-                self._open(mlflow, uri, name, artifacts)
-            self.uri = uri
+                with _environ(self.env):
+                    self._open(mlflow, uri, name, artifacts)
             log.info("MLflow tracking to %s (experiment %s)", uri, name)
         except Exception as exc:  # noqa: BLE001 - any store failure is handled the same way
             self._disable(exc)
@@ -104,17 +168,22 @@ class Tracker:
         mlflow.set_experiment(name)
 
     def _disable(self, exc: BaseException) -> None:
+        reason = _one_line(exc)
         if self.required:
-            raise TrackingError(f"MLflow tracking failed and tracking.required is set: {exc}") from exc
+            raise TrackingError(
+                f"MLflow tracking to {self.uri} failed and tracking.required is set: {reason}; "
+                f"start the server or fix tracking.uri, or set tracking.required=false to train "
+                f"without tracking") from exc
         self.enabled = False
-        self.reason = f"{type(exc).__name__}: {exc}"
+        self.reason = reason
         log.warning("MLflow tracking SKIPPED (outputs are still written): %s", self.reason)
 
     def _call(self, fn: str, *args: Any, **kwargs: Any) -> Any:
         if not self.enabled:
             return None
         try:
-            return getattr(self.mlflow, fn)(*args, **kwargs)
+            with _environ(self.env):
+                return getattr(self.mlflow, fn)(*args, **kwargs)
         except Exception as exc:  # noqa: BLE001
             self._disable(exc)
             return None

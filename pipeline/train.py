@@ -29,6 +29,7 @@ import pandas as pd
 import torch
 
 from pipeline.checkpoint import save_checkpoint
+from pipeline.cli import run_main
 from pipeline.config import ConfigError, apply_overrides, get, load_params, select_run
 from pipeline.data import (FrameStore, audited_splits, augment_batch, fold_frames,
                            interpolation_of, subsample_per_source, used_frames)
@@ -324,6 +325,8 @@ def run(params: Mapping, model_name: str, loss_name: str, folds: Sequence[int],
 
     model_cfg, loss_cfg = select_run(params, model_name, loss_name)
     ds, fcfg, tcfg = get(params, "dataset"), get(params, "folds"), get(params, "train")
+    # First: a required but unreachable store fails in seconds, before any data is loaded.
+    tracker = Tracker(params.get("tracking", {}))
     classes = list(ds["classes"])
     frames = used_frames(ds["frames_dir"])
     splits = audited_splits(params)
@@ -336,7 +339,6 @@ def run(params: Mapping, model_name: str, loss_name: str, folds: Sequence[int],
 
     leaky = fcfg["validation"] == "test_fold"
     init = describe_init(model_cfg)
-    tracker = Tracker(params.get("tracking", {}))
     run_name = f"{model_name}-{loss_name}"
     if os.environ.get("DVC_EXP_NAME"):
         run_name += f" ({os.environ['DVC_EXP_NAME']})"
@@ -398,7 +400,4 @@ def main(argv: Sequence[str] | None = None) -> None:
 
 
 if __name__ == "__main__":
-    try:
-        main()
-    except ConfigError as exc:
-        sys.exit(f"config error: {exc}")
+    run_main(main)

@@ -49,7 +49,8 @@ def _write(path: Path, mode: str, **kw) -> Path:
 
 def manifest_ds(**over) -> dict:
     ds = compose(["dataset=cxr_covid_manifest"])["dataset"]
-    ds.update(workers=1, frame_max_side=8, **over)
+    # Tiny test images: dataset.min_side has its own tests.
+    ds.update({"workers": 1, "min_side": None, "frame_max_side": 8, **over})
     return ds
 
 
@@ -159,7 +160,8 @@ def test_patients_stay_together_through_make_splits(tmp_path: Path):
 
 def folders_ds(**over) -> dict:
     ds = compose(["dataset=cxr_pneumonia_folders"])["dataset"]
-    ds.update(workers=1, **over)
+    # Tiny test images: dataset.min_side has its own tests.
+    ds.update({"workers": 1, "min_side": None, **over})
     return ds
 
 
@@ -294,3 +296,30 @@ def test_chest_xray_experiments_compose(experiment):
         assert cfg["binary"]["thresholds"] == [0.15, 0.20, 0.25, 0.30]
     else:
         assert folds["method"] == "fixed"
+
+
+def test_image_below_min_side_is_excluded_with_size_and_key(kermany: Path, tmp_path: Path, caplog):
+    """A 1x1 PNG is no chest X-ray: excluded with its size and the key, not used as a frame;
+    strict mode does not stop on it (a rule, like the class folders), and the log says so."""
+    _write(kermany / "train" / "PNEUMONIA" / "person900_bacteria_1.png", "gray", size=(1, 1))
+    with caplog.at_level("WARNING", logger="pipeline.datasets"):
+        m = prepare_image_folders(kermany, tmp_path / "frames", folders_ds(min_side=8),
+                                  strict=True)
+    row = m.set_index("source").loc["train/PNEUMONIA/person900_bacteria_1.png"]
+    assert row["status"] == "excluded" and row["frame"] == ""
+    assert row["reason"].startswith("image of 1x1 px, below dataset.min_side=8 px")
+    assert any("person900_bacteria_1.png: image of 1x1 px" in r.getMessage()
+               for r in caplog.records)
+    assert {p.name for p in (tmp_path / "frames").iterdir()} == set(m.loc[m.status == "used", "frame"])
+    assert (m.status == "used").sum() == 23  # the 12 x 10 images of the fixture are all kept
+
+
+def test_medmnist_image_below_min_side_is_excluded(tmp_path: Path):
+    raw = tmp_path / "raw"
+    raw.mkdir()
+    _npz(raw / "pneumoniamnist.npz")
+    ds = compose(["dataset=pneumoniamnist"])["dataset"]
+    assert prepare_medmnist_npz(raw, tmp_path / "f28", ds, strict=True).status.eq("used").all()
+    m = prepare_medmnist_npz(raw, tmp_path / "f32", {**ds, "min_side": 32}, strict=False)
+    assert set(m.status) == {"excluded"}
+    assert m.reason.str.startswith("image of 28x28 px, below dataset.min_side=32 px").all()

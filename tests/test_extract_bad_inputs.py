@@ -8,7 +8,10 @@ from __future__ import annotations
 
 import logging
 import os
+import shutil
 import signal
+import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -16,10 +19,11 @@ import cv2
 import numpy as np
 import pandas as pd
 import pytest
+import yaml
 from PIL import Image
 
 from pipeline.extract_frames import ExtractionError, InputFile, Result, extract, process_file
-from tests.conftest import write_video
+from tests.conftest import PROJECT_ROOT, write_video
 
 METADATA = "dataset_metadata.csv"
 
@@ -241,3 +245,127 @@ def test_no_timeout_configured_still_decodes(tmp_path, ds_cfg):
     manifest = extract(raw, tmp_path / "frames", {**ds_cfg, "decode_timeout_s": None})
     assert (manifest["status"] == "used").sum() == 12
     assert_accounted(raw, manifest, tmp_path / "frames")
+
+
+def test_inputs_below_min_side_are_excluded_with_size_and_key(tmp_path, ds_cfg, caplog):
+    """A 1x1 PNG is not a lung-ultrasound frame, nor is a 16 px video: both are excluded with
+    their size and the key (strict mode goes on: a rule, not a broken file), and said in the log."""
+    raw = base_dataset(tmp_path)
+    cv2.imwrite(str(raw / "pocus_images" / "convex" / "Cov_dot.png"), np.full((1, 1, 3), 200, np.uint8))
+    write_video(raw / "pocus_videos" / "convex" / "Pneu_thumb.avi", 10, 10.0, size=16)
+    with caplog.at_level(logging.WARNING, logger="pipeline.extract_frames"):
+        manifest = extract(raw, tmp_path / "frames", {**ds_cfg, "min_side": 32}, strict=True)
+    assert_accounted(raw, manifest, tmp_path / "frames")
+    rows = by_source(manifest)
+    dot, thumb = rows.loc["pocus_images/convex/Cov_dot.png"], rows.loc["pocus_videos/convex/Pneu_thumb.avi"]
+    assert dot["status"] == thumb["status"] == "excluded"
+    assert dot["reason"].startswith("image of 1x1 px, below dataset.min_side=32 px")
+    assert thumb["reason"].startswith("video frames of 16x16 px, below dataset.min_side=32 px")
+    warned = "\n".join(r.getMessage() for r in caplog.records if r.levelno == logging.WARNING)
+    assert "excluded 2 implausible input(s)" in warned and "Cov_dot.png: image of 1x1 px" in warned
+    # Without the bound (min_side null) the same files are used, as before.
+    manifest = extract(raw, tmp_path / "any", {**ds_cfg, "min_side": None}, strict=True)
+    assert set(by_source(manifest).loc[["pocus_images/convex/Cov_dot.png",
+                                        "pocus_videos/convex/Pneu_thumb.avi"], "status"]) == {"used"}
+
+
+def test_single_frame_video_is_excluded_with_what_it_is(tmp_path, ds_cfg):
+    """A PNG renamed .mp4, a JPEG renamed .avi, a one-frame GIF and a one-frame AVI decode to a
+    single frame: excluded, the reason naming the still-image content where there is one."""
+    raw = base_dataset(tmp_path)
+    folder = raw / "pocus_videos" / "convex"
+    still = np.full((48, 64, 3), 120, np.uint8)
+    (folder / "Cov_png.mp4").write_bytes(cv2.imencode(".png", still)[1].tobytes())
+    (folder / "Reg_jpeg.avi").write_bytes(cv2.imencode(".jpg", still)[1].tobytes())
+    Image.new("RGB", (64, 48), (90, 90, 90)).save(folder / "Pneu_still.gif")
+    write_video(folder / "Cov_oneframe.avi", 1, 10.0)
+    manifest = extract(raw, tmp_path / "frames", ds_cfg, strict=True)
+    assert_accounted(raw, manifest, tmp_path / "frames")
+    rows = by_source(manifest)
+    still = ": a still image under a video name; give it an image extension"
+    for name, what in (("Cov_png.mp4", f" (its content is a PNG image){still}"),
+                       ("Reg_jpeg.avi", f" (its content is a JPEG image){still}"),
+                       ("Pneu_still.gif", f" (its content is a GIF image){still}"),
+                       ("Cov_oneframe.avi", ": a still image or a damaged video")):
+        row = rows.loc[f"pocus_videos/convex/{name}"]
+        assert row["status"] == "excluded", (name, row["status"], row["reason"])
+        assert row["reason"].startswith(f"a 'video' that decodes to a single frame{what}"), (
+            name, row["reason"])
+    # A two-frame video is a video: kept.
+    write_video(folder / "Cov_twoframes.avi", 2, 10.0)
+    manifest = extract(raw, tmp_path / "two", {**ds_cfg, "max_frames": 1}, strict=True)
+    assert by_source(manifest).loc["pocus_videos/convex/Cov_twoframes.avi", "status"] == "used"
+
+
+def stage_project_params(root: Path, ds_cfg: dict, **over) -> None:
+    ds = {**ds_cfg, "kind": "lus_videos", "raw_dir": "data/raw", "frames_dir": "data/frames",
+          "frames_summary": "data/frames_summary.json", "workers": 1, "strict": True,
+          "min_side": 32, **over}
+    (root / "params.yaml").write_text(yaml.safe_dump({"dataset": ds}))
+
+
+def stage_project(root: Path, ds_cfg: dict, **over) -> Path:
+    """A checkout for ``python -m pipeline.extract_frames``: params.yaml + data/raw."""
+    raw = base_dataset(root / "data")
+    stage_project_params(root, ds_cfg, **over)
+    return raw
+
+
+def run_stage(root: Path) -> subprocess.CompletedProcess:
+    env = {**os.environ, "PYTHONPATH": str(PROJECT_ROOT)}
+    env.pop("PIPELINE_VERBOSE", None)
+    return subprocess.run([sys.executable, "-m", "pipeline.extract_frames"], cwd=root, env=env,
+                          capture_output=True, text=True, timeout=300)
+
+
+def test_strict_stage_stops_with_one_line_and_a_full_manifest_but_no_store(tmp_path, ds_cfg):
+    """Strict mode: exit 2 and one ``error:`` line naming the file, the key and where the rest
+    is; data/frames/ then holds only manifest.csv, with a row for every input file and no
+    ``used`` row, so no later stage can take it for a finished store (an older store is gone)."""
+    raw = stage_project(tmp_path, ds_cfg)
+    (raw / "pocus_videos" / "convex" / "Cov_notes.mp4").write_text("not a video\n")
+    cv2.imwrite(str(raw / "pocus_images" / "convex" / "Reg_dot.png"), np.zeros((1, 1, 3), np.uint8))
+    frames = tmp_path / "data" / "frames"
+    frames.mkdir()
+    (frames / "old__f00000.jpg").write_bytes(b"stale frame of an earlier run")
+    proc = run_stage(tmp_path)
+    lines = proc.stderr.strip().splitlines()
+    assert proc.returncode == 2, proc.stderr[-3000:]
+    assert "Traceback" not in proc.stderr
+    assert [line for line in lines if line.startswith("error:")] == [lines[-1]]
+    assert lines[-1].startswith("error: 1 input problem(s) in data/raw, first: "
+                                "pocus_videos/convex/Cov_notes.mp4: not a decodable video")
+    assert "dataset.strict=false" in lines[-1]
+    assert lines[-1].endswith("every file's status and reason are in data/frames/manifest.csv]")
+    assert [p.name for p in frames.iterdir()] == ["manifest.csv"]
+    assert not (tmp_path / "data" / "frames.partial").exists()
+    assert not (tmp_path / "data" / "frames_summary.json").exists()
+    manifest = pd.read_csv(frames / "manifest.csv", keep_default_na=False)
+    assert set(manifest["source"]) == {p.relative_to(raw).as_posix() for p in raw.rglob("*")
+                                       if p.is_file() and p.name != METADATA}
+    assert manifest["source"].is_unique and "used" not in set(manifest["status"])
+    rows = manifest.set_index("source")
+    assert rows.loc["pocus_videos/convex/Cov_notes.mp4", "status"] == "skipped"
+    assert "not a decodable video" in rows.loc["pocus_videos/convex/Cov_notes.mp4", "reason"]
+    assert rows.loc["pocus_images/convex/Reg_dot.png", "status"] == "excluded"
+    assert "below dataset.min_side=32" in rows.loc["pocus_images/convex/Reg_dot.png", "reason"]
+    fine = rows.loc["pocus_videos/convex/Cov_base.avi"]
+    assert fine["status"] == "skipped" and fine["reason"].startswith(
+        "not written: the stage stopped on 1 input problem(s) (dataset.strict=true); this file "
+        "gave 4 frame(s)")
+
+    # Non-strict: the same inputs give a finished store, the bad file recorded as skipped.
+    lenient = tmp_path / "lenient"
+    shutil.copytree(raw, lenient / "data" / "raw")
+    stage_project_params(lenient, ds_cfg, strict=False)
+    proc = run_stage(lenient)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    frames = lenient / "data" / "frames"
+    manifest = pd.read_csv(frames / "manifest.csv", keep_default_na=False)
+    rows = by_source(manifest)
+    assert rows.loc["pocus_videos/convex/Cov_notes.mp4", "status"] == "skipped"
+    assert rows.loc["pocus_images/convex/Reg_dot.png", "status"] == "excluded"
+    assert {p.name for p in frames.iterdir()} == set(manifest.loc[manifest.status == "used",
+                                                                  "frame"]) | {"manifest.csv"}
+    assert (lenient / "data" / "frames_summary.json").is_file()
+    assert not (lenient / "data" / "frames.partial").exists()

@@ -103,6 +103,12 @@ def test_decoder_survives_corrupted_files(tmp_path):
 
 def check_result(item: InputFile, res, out: Path, outcomes: dict) -> list[str]:
     """Violations of ``process_file``'s contract by one result."""
+    if res.excluded:  # an implausible input (e.g. damage left one frame): no frame kept
+        outcomes["excluded"] = outcomes.get("excluded", 0) + 1
+        if res.error or res.rows:
+            return [f"{item.source}: excluded ({res.excluded}) but {len(res.rows)} rows, "
+                    f"error {res.error!r}"]
+        return []
     if res.error:
         outcomes["error"] += 1
         if res.error.startswith(HARNESS_ERRORS) or res.rows:

@@ -22,6 +22,7 @@ from tests.conftest import SHARED_LUS, write_video
 SIZE = 32
 CLASSES = ["covid", "pneumonia", "healthy"]
 FOLDS = (0, 1)
+FALLBACK_RATE = predict.FALLBACK_RATE_HZ
 REAL_VIDEO = SHARED_LUS / "pocus_videos" / "convex" / "Cov_combatting_Image1.mp4"
 
 
@@ -246,3 +247,32 @@ def test_default_run_is_first_grid_cell():
     assert predict.default_run_dir(params) == Path("models/mini_covidnet-focal")
     with pytest.raises(predict.PredictError, match="--run"):
         predict.default_run_dir({})
+
+
+def test_bad_file_costs_only_itself(run_dir, clip, tmp_path):
+    """``python -m pipeline.predict good.avi bad.avi still.mp4``: the good video is predicted and
+    printed, each bad file gets one ``error:`` line naming it and the fix, exit status 2."""
+    import os
+    import subprocess
+    import sys
+
+    from tests.conftest import PROJECT_ROOT
+
+    bad = tmp_path / "bad.avi"
+    bad.write_text("this is a text file, not a video\n")
+    still = tmp_path / "still.mp4"  # a PNG under a video name: one frame
+    still.write_bytes(cv2.imencode(".png", np.full((48, 48, 3), 90, np.uint8))[1].tobytes())
+    env = {**os.environ, "PYTHONPATH": str(PROJECT_ROOT)}
+    proc = subprocess.run([sys.executable, "-m", "pipeline.predict", "--run", str(run_dir),
+                           "--json", "--max-frames", "6", str(clip), str(bad), str(still)],
+                          cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 2, proc.stderr[-3000:]
+    assert "Traceback" not in proc.stderr
+    result = json.loads(proc.stdout)
+    check_result(result, run_dir, [clip], FALLBACK_RATE, 6)
+    assert [e["file"] for e in result["errors"]] == [str(bad), str(still)]
+    errors = [line for line in proc.stderr.splitlines() if line.startswith("error:")]
+    assert len(errors) == 2 and errors == proc.stderr.strip().splitlines()[-2:]
+    assert errors[0].startswith(f"error: {bad}: not a decodable video") and "re-encode" in errors[0]
+    assert errors[1].startswith(f"error: {still}: a 'video' that decodes to a single frame "
+                                f"(its content is a PNG image)")

@@ -13,6 +13,7 @@ import os
 import socket
 import subprocess
 import sys
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -23,6 +24,7 @@ from pipeline.config import compose
 from pipeline.tracking import TrackingError
 from tests.conftest import PROJECT_ROOT
 from tests.conftest import make_tiny_project
+from tests.test_resume import TRAIN_CMD, _env
 
 FORBIDDEN = ("/root", "/home/", "password", "token")
 
@@ -117,6 +119,84 @@ def test_required_tracking_fails_before_training(tmp_path, monkeypatch, fast_htt
         train(tmp_path, params, monkeypatch, [0])
     assert not list((tmp_path / "models").rglob("*.pt"))
     assert not (tmp_path / "models" / "mini_covidnet-ce" / "fold_0").exists()
+
+
+@pytest.fixture
+def mlflow_http_defaults(monkeypatch):
+    """No MLFLOW_HTTP_* variables: only the project's tracking.max_retries / timeout_s bound
+    the waits (MLflow's own defaults took 4.5 minutes on a closed port)."""
+    for name in list(os.environ):
+        if name.startswith("MLFLOW_HTTP_REQUEST"):
+            monkeypatch.delenv(name)
+
+
+def test_unreachable_server_costs_seconds_and_says_so_once(tmp_path, monkeypatch, caplog,
+                                                           mlflow_http_defaults):
+    """The default config (conf/config.yaml) and a server that is down: tracking is given up
+    within seconds of the start, said once with the reason, and training goes on."""
+    uri = f"http://127.0.0.1:{closed_port()}"
+    params = make_tiny_project(tmp_path, epochs=1, tracking_uri=uri)
+    started = time.time()
+    with caplog.at_level(logging.WARNING):
+        train(tmp_path, params, monkeypatch, [0])
+    skipped = [r for r in caplog.records if "tracking SKIPPED" in r.getMessage()]
+    assert len(skipped) == 1
+    given_up_s = skipped[0].created - started
+    print(f"\ntracking given up after {given_up_s:.2f} s (required=false, {uri})")
+    assert given_up_s < 15
+    assert "cannot connect to 127.0.0.1" in skipped[0].getMessage()
+    assert not [r for r in caplog.records if r.name.startswith("urllib3")], "HTTP retries ran"
+    cell = tmp_path / "models" / "mini_covidnet-ce"
+    assert (cell / "fold_0" / "best.pt").is_file()
+    info = json.loads((cell / "run.json").read_text())["mlflow"]
+    assert info["enabled"] is False and "cannot connect" in info["skipped_reason"]
+
+
+def test_required_but_unreachable_is_one_error_line(tmp_path):
+    """``python -m pipeline.train`` with tracking.required and the server down: exit 2, one
+    ``error:`` line naming the URI, the key and the fix, no traceback, no training."""
+    uri = f"http://127.0.0.1:{closed_port()}"
+    make_tiny_project(tmp_path, epochs=1, tracking_uri=uri, required=True)
+    env = {k: v for k, v in _env().items() if not k.startswith("MLFLOW_HTTP_REQUEST")}
+    started = time.monotonic()
+    proc = subprocess.run(TRAIN_CMD, cwd=tmp_path, env=env, capture_output=True, text=True,
+                          timeout=300)
+    wall = time.monotonic() - started
+    print(f"\nrequired=true: exit {proc.returncode} after {wall:.1f} s (imports included)")
+    lines = proc.stderr.strip().splitlines()
+    assert proc.returncode == 2, proc.stderr[-3000:]
+    assert "Traceback" not in proc.stderr
+    assert [line for line in lines if line.startswith("error:")] == [lines[-1]]
+    assert lines[-1].startswith(f"error: MLflow tracking to {uri} failed and tracking.required "
+                                f"is set: ConnectionError: cannot connect to 127.0.0.1")
+    assert "tracking.required=false" in lines[-1]
+    assert not (tmp_path / "models" / "mini_covidnet-ce" / "fold_0").exists()
+    assert wall < 60  # imports of torch & co. (~10 s on a loaded 2-core machine) + seconds
+
+
+@pytest.mark.parametrize("limits", [{"max_retries": 1, "timeout_s": 1}, "defaults"])
+def test_hung_server_is_bounded_by_the_configured_retries_and_timeout(mlflow_http_defaults,
+                                                                      limits):
+    """A server that accepts connections but never answers: each MLflow request waits
+    tracking.timeout_s, retried tracking.max_retries times, then tracking is skipped; with the
+    defaults of conf/config.yaml that stays under 15 s (MLflow's own: 7 x 120 s + backoff)."""
+    from pipeline.tracking import Tracker
+
+    cfg = compose([])["tracking"] if limits == "defaults" else dict(limits)
+    attempts = cfg["max_retries"] + 1
+    with socket.socket() as server:  # listening, never accepting: the request hangs
+        server.bind(("127.0.0.1", 0))
+        server.listen(16)
+        uri = f"http://127.0.0.1:{server.getsockname()[1]}"
+        started = time.monotonic()
+        tracker = Tracker({**cfg, "uri": uri, "experiment": "x"})
+        elapsed = time.monotonic() - started
+    print(f"\nhung server, max_retries={cfg['max_retries']}, timeout_s={cfg['timeout_s']}: "
+          f"skipped after {elapsed:.1f} s")
+    assert not tracker.enabled
+    assert f"read timeout={cfg['timeout_s']}" in tracker.reason
+    assert attempts * cfg["timeout_s"] <= elapsed < 15, elapsed  # every attempt waited, no more
+    assert "MLFLOW_HTTP_REQUEST_TIMEOUT" not in os.environ  # restored after the calls
 
 
 def test_read_only_store_fails_fast(tmp_path):
