@@ -308,3 +308,42 @@ def test_binary_figures_match_the_single_threshold_figures():
     from sklearn.metrics import roc_auc_score
 
     assert got["auc"] == pytest.approx(roc_auc_score(y, s))
+
+
+def test_report_section_shows_both_points_intervals_and_published(tmp_path):
+    from pipeline.report import binary_sections
+
+    test, val = _tables()
+    cells = tmp_path / "binary"
+    cfg = {**CFG, "target_sensitivity": 0.973}
+    evaluate_cell(test, ["covid", "non_covid"], "covid", cfg, cells / "resnet50-ce", val=val, seed=1)
+    evaluate_cell(test, ["covid", "non_covid"], "covid", cfg, cells / "other-ce", seed=1)  # no val
+    published = {"binary": {"source": "study 001", "rows": {"resnet50-ce": {
+        "sweep": {0.15: {"sensitivity": 0.9736, "sensitivity_wald": 0.0053}},
+        "operating_point": {"target_sensitivity": 0.973, "specificity": 0.982,
+                            "specificity_wald": 0.013}}}}}
+    sections, figs = binary_sections(cells, ["resnet50-ce", "other-ce", "absent-ce"], published,
+                                     "prov", tmp_path / "tables", tmp_path / "figures")
+    page = "\n".join(sections)
+    for name in ("binary_sweep", "binary_operating_points", "binary_folds"):
+        for ext in ("csv", "tex", "md"):
+            assert (tmp_path / "tables" / f"{name}.{ext}").is_file()
+    points = pd.read_csv(tmp_path / "tables" / "binary_operating_points.csv").set_index(
+        ["row", "operating point"])
+    op = json.loads((cells / "resnet50-ce" / "operating_point.json").read_text())
+    fitted = points.loc[("resnet50-ce", "fitted on test (optimistic, as in the study)")]
+    lo, hi = op["bootstrap"]["specificity"]
+    assert fitted["specificity [95% CI]"] == f"{op['specificity']:.3f} [{lo:.3f}, {hi:.3f}]"
+    held = points.loc[("resnet50-ce", "held out (threshold chosen on validation, applied to test)")]
+    h = op["held_out"]
+    assert held["sensitivity [95% CI]"].startswith(f"{h['sensitivity']:.3f} [")
+    assert points.loc[("other-ce", "held out (threshold chosen on validation, applied to test)"),
+                      "sensitivity [95% CI]"] == "–"
+    assert "no validation predictions" in page  # said, not estimated
+    assert "resnet50-ce (published)" in page and "0.982 ± 0.013" in page
+    assert "± Wald" in page and "bootstrap over patients" in page
+    sweep = pd.read_csv(tmp_path / "tables" / "binary_sweep.csv")
+    assert len(sweep) == 2 * 4 + 1  # two cells x four thresholds + the published row
+    assert set(figs) == {f"binary_{k}_{c}.png" for k in ("roc", "histogram")
+                         for c in ("resnet50-ce", "other-ce")}
+    assert all((tmp_path / "figures" / f).is_file() for f in figs)
