@@ -347,3 +347,15 @@ def test_report_section_shows_both_points_intervals_and_published(tmp_path):
     assert set(figs) == {f"binary_{k}_{c}.png" for k in ("roc", "histogram")
                          for c in ("resnet50-ce", "other-ce")}
     assert all((tmp_path / "figures" / f).is_file() for f in figs)
+
+
+def test_report_section_names_folds_whose_validation_is_too_small(tmp_path):
+    from pipeline.report import binary_sections
+
+    test, val = _tables()
+    small = val[(val.fold != 1) | (val.index % 9 == 0)]
+    cfg = {**CFG, "target_sensitivity": 0.973}
+    evaluate_cell(test, ["covid", "non_covid"], "covid", cfg, tmp_path / "b" / "c-ce", val=small)
+    sections, _ = binary_sections(tmp_path / "b", ["c-ce"], {}, "prov", tmp_path / "t", tmp_path / "f")
+    page = "\n".join(sections)
+    assert "c-ce, held out, fold" in page and "needed to resolve 0.973" in page
