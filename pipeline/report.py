@@ -294,9 +294,9 @@ def binary_sections(binary_dir: Path, cells: Sequence[str], published: Mapping, 
                               "threshold range": "–"})
         held = d / "held_out_thresholds.csv"
         if held.is_file():
-            h = pd.read_csv(held, keep_default_na=False, na_values=[""])
-            h["threshold"] = pd.to_numeric(h["threshold"], errors="coerce")
-            flagged = h[h["note"].fillna("") != ""].groupby("note")["fold"].apply(list)
+            h = pd.read_csv(held, dtype={"note": str, "source": str})
+            h["note"] = h["note"].fillna("")
+            flagged = h[h["note"] != ""].groupby("note")["fold"].apply(list)
             notes += [f"{cell}, held out, fold{'s' if len(f) > 1 else ''} "
                       f"{', '.join(map(str, f))}: {n}." for n, f in flagged.items()
                       if h["threshold"].notna().any()]  # else the point's own row says why
