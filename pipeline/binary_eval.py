@@ -2,16 +2,33 @@
 
 For each grid cell, from ``models/<cell>/predictions.csv`` (score = probability of
 ``dataset.positive_class``): accuracy, sensitivity, specificity, precision and F1 at fixed
-thresholds (the study's 0.15/0.20/0.25/0.30), the operating point at a target sensitivity (the
-study's 97.3%) with the specificity it reaches, Wald 95% intervals (the study's
-``z * sqrt(p (1 - p) / N)``), and the predicted-score histogram per subgroup (the manifest's
+thresholds (the study's 0.15/0.20/0.25/0.30), and two operating points at a target sensitivity
+(the study's 97.3%):
+
+- **fitted on test** (the study's): the highest threshold whose pooled *test* sensitivity reaches
+  the target. Optimistic: the test set chose it.
+- **held out**: per fold, the threshold that reaches the target on that fold's *validation* rows
+  (``fold_<k>/val_predictions.csv``, written by the train stage from the restored weights),
+  applied to that fold's test rows and pooled. A fold whose validation has fewer positives than
+  the target can resolve (``ceil(1 / (1 - target))``, 38 at 97.3%) still uses them (the
+  threshold then keeps every validation positive) and is flagged; a fold without a validation
+  positive takes the mean of the other folds' validation thresholds (flagged). Without
+  validation predictions the held-out point is reported as unavailable, never estimated.
+
+Every figure at every threshold and both points, and the AUC, get a 95% percentile interval from
+:func:`pipeline.metrics.patient_bootstrap` (whole patients resampled, seeded by ``seed``;
+statistic :class:`pipeline.metrics.BinaryFigures`); the study's Wald intervals
+(``z * sqrt(p (1 - p) / N)`` over images) stay beside them for comparison with the paper. Also
+the ROC with both points and the predicted-score histogram per subgroup (the manifest's
 ``finding`` column, else the true class). The t-SNE of penultimate features is optional
 (``binary.tsne``): it needs the fold's checkpoint and test images.
 
 A sample is called positive when its score is >= the threshold.
 Writes ``reports/binary/<cell>/`` (``sweep.csv``, ``sweep_by_fold.csv``, ``sweep.md``,
-``operating_point.json``, ``histogram.png`` + ``.csv``, ``tsne.png``) and the compact figures
-to ``reports/binary_metrics.json`` (outside the folder, so DVC can track it as metrics).
+``operating_point.json`` (the test-fitted point, with ``held_out`` and the intervals),
+``operating_points.csv``, ``held_out_thresholds.csv``, ``roc.png`` + ``.csv``,
+``histogram.png`` + ``.csv``, ``tsne.png``) and the compact figures to
+``reports/binary_metrics.json`` (outside the folder, so DVC can track it as metrics).
 """
 
 from __future__ import annotations
@@ -34,13 +51,17 @@ import torch  # noqa: E402
 from sklearn.metrics import roc_auc_score  # noqa: E402
 
 from pipeline.config import ConfigError, get, load_params  # noqa: E402
+from pipeline.metrics import BINARY_FIGURES, BinaryFigures, patient_bootstrap  # noqa: E402
 
 log = logging.getLogger("pipeline.binary_eval")
 
 DEFAULT_THRESHOLDS = (0.15, 0.20, 0.25, 0.30)
 DEFAULTS = {"thresholds": list(DEFAULT_THRESHOLDS), "target_sensitivity": 0.973, "z": 1.96,
             "bins": 20, "tsne": False, "tsne_fold": 0, "tsne_max": 2000, "dir": "reports/binary",
-            "metrics": "reports/binary_metrics.json"}
+            "metrics": "reports/binary_metrics.json", "bootstrap": 1000, "ci": 0.95}
+#: How the two operating points are labelled in every output.
+FITTED_LABEL = "fitted on test (optimistic, as in the study)"
+HELD_OUT_LABEL = "held out (threshold chosen on validation, applied to test)"
 
 
 class WaldCI(NamedTuple):
@@ -123,8 +144,10 @@ def operating_point(y_true: Sequence[int] | np.ndarray, score: Sequence[float] |
 
 
 def score_histograms(df: pd.DataFrame, score_col: str, subgroup_col: str, out_png: str | Path,
-                     bins: int = 20, threshold: float | None = None, title: str = "") -> pd.DataFrame:
-    """Histogram of ``score_col`` for each value of ``subgroup_col`` (the study's Fig. 6).
+                     bins: int = 20, threshold: float | Mapping[str, float] | None = None,
+                     title: str = "") -> pd.DataFrame:
+    """Histogram of ``score_col`` for each value of ``subgroup_col`` (the study's Fig. 6), with
+    a dashed line at ``threshold`` (or one line per ``{label: threshold}``).
 
     Returns:
         The counts: ``subgroup, bin_low, bin_high, count`` (also the plotted data).
@@ -138,8 +161,10 @@ def score_histograms(df: pd.DataFrame, score_col: str, subgroup_col: str, out_pn
                 label=f"{group} (n={len(part)})")
         rows += [{"subgroup": group, "bin_low": lo, "bin_high": hi, "count": int(c)}
                  for lo, hi, c in zip(edges[:-1], edges[1:], counts)]
-    if threshold is not None:
-        ax.axvline(threshold, color="k", linestyle="--", linewidth=1, label=f"threshold {threshold:.3g}")
+    lines = (threshold if isinstance(threshold, Mapping)
+             else {} if threshold is None else {"threshold": threshold})
+    for (label, t), style in zip(lines.items(), ("--", ":", "-.")):
+        ax.axvline(t, color="k", linestyle=style, linewidth=1, label=f"{label} {t:.3g}")
     ax.set_xlabel(f"predicted score ({score_col})")
     ax.set_ylabel("images")
     ax.set_yscale("log")
@@ -215,61 +240,248 @@ def tsne_plot(features: np.ndarray, labels: Sequence, out_png: str | Path, seed:
 # --------------------------------------------------------------------------------------------
 # Stage
 # --------------------------------------------------------------------------------------------
-def _markdown(pooled: pd.DataFrame, by_fold: pd.DataFrame, op: Mapping, cell: str,
-              positive: str) -> str:
-    cols = ["accuracy", "sensitivity", "specificity", "precision", "f1"]
+def min_positives(target_sensitivity: float) -> int:
+    """Fewest positives whose sensitivity steps (1/n) can tell ``target`` from 100%: below it
+    the threshold reaching the target keeps every positive."""
+    return 1 if target_sensitivity >= 1 else math.ceil(1.0 / (1.0 - target_sensitivity) - 1e-9)
+
+
+def held_out_thresholds(val: pd.DataFrame | None, test: pd.DataFrame, positive_index: int,
+                        score_col: str, target_sensitivity: float, z: float = 1.96) -> pd.DataFrame:
+    """Per fold of ``test``: the threshold reaching ``target_sensitivity`` on that fold's
+    validation rows only (:func:`operating_point`), and what it gives on the fold's test rows.
+
+    Columns: ``fold, threshold, source, n_val, n_val_positive, val_sensitivity,
+    val_specificity, test_sensitivity, test_specificity, note``. ``source`` is ``validation``,
+    ``fallback`` (the fold has no validation positive: the mean of the other folds' validation
+    thresholds) or ``missing`` (no validation predictions: threshold NaN). The test rows are
+    only used for the ``test_*`` columns, never for the threshold.
+    """
+    rows = []
+    need = min_positives(target_sensitivity)
+    for fold in sorted(test["fold"].unique()):
+        part = val[val["fold"] == fold] if val is not None else None
+        row = {"fold": int(fold), "threshold": math.nan, "source": "missing", "n_val": 0,
+               "n_val_positive": 0, "val_sensitivity": math.nan, "val_specificity": math.nan,
+               "note": ""}
+        if part is None or part.empty:
+            row["note"] = f"no validation predictions (fold_{fold}/val_predictions.csv)"
+        else:
+            y = (part["y_true"].to_numpy() == positive_index).astype(int)
+            row.update(n_val=int(y.size), n_val_positive=int(y.sum()))
+            notes = []
+            if set(part["frame"]) == set(test.loc[test["fold"] == fold, "frame"]):
+                notes.append("validation rows are the test rows (folds.validation=test_fold): "
+                             "not held out")
+            if y.sum():
+                op = operating_point(y, part[score_col].to_numpy(float), target_sensitivity, z)
+                row.update(threshold=op["threshold"], source="validation",
+                           val_sensitivity=op["sensitivity"], val_specificity=op["specificity"])
+                if y.sum() < need:
+                    notes.append(f"{int(y.sum())} validation positives < {need} needed to resolve "
+                                 f"{target_sensitivity:.3f}: the threshold keeps every one")
+            row["note"] = "; ".join(notes)
+        rows.append(row)
+    out = pd.DataFrame(rows)
+    chosen = out["source"] == "validation"
+    for i in out.index[(out["source"] == "missing") & (out["n_val"] > 0)]:
+        others = out.loc[chosen & (out.index != i), "threshold"]
+        if len(others):
+            out.loc[i, ["threshold", "source"]] = [float(others.mean()), "fallback"]
+            out.loc[i, "note"] = ("no validation positive: mean of the other folds' validation "
+                                  "thresholds")
+        else:
+            out.loc[i, "note"] = "no validation positive in any fold"
+    test_figs = []
+    for r in out.itertuples():
+        m = test["fold"].to_numpy() == r.fold
+        if math.isnan(r.threshold):
+            test_figs.append((math.nan, math.nan))
+            continue
+        c = confusion_at((test.loc[m, "y_true"].to_numpy() == positive_index).astype(int),
+                         test.loc[m, score_col].to_numpy(float), r.threshold, z)
+        test_figs.append((c["sensitivity"], c["specificity"]))
+    out["test_sensitivity"] = [a for a, _ in test_figs]
+    out["test_specificity"] = [b for _, b in test_figs]
+    return out[["fold", "threshold", "source", "n_val", "n_val_positive", "val_sensitivity",
+                "val_specificity", "test_sensitivity", "test_specificity", "note"]]
+
+
+def _rule_name(threshold: float) -> str:
+    return f"t{threshold:.4f}".replace(".", "_")
+
+
+def roc_figure(y: np.ndarray, s: np.ndarray, points: Mapping[str, Mapping], out_png: Path,
+               title: str) -> pd.DataFrame:
+    """Pooled ROC curve with the operating points (``{label: {"sensitivity", "specificity"}}``)
+    marked; returns the curve (``fpr, tpr, threshold``)."""
+    from sklearn.metrics import roc_curve
+
+    fpr, tpr, thr = roc_curve(y, s)
+    fig, ax = plt.subplots(figsize=(5, 5))
+    ax.plot(fpr, tpr, lw=1.5, label="pooled test ROC")
+    ax.plot([0, 1], [0, 1], "k:", lw=0.8)
+    for (label, pt), marker in zip(points.items(), ("o", "s", "^", "D")):
+        if pt and math.isfinite(pt.get("sensitivity", math.nan)):
+            ax.plot(1 - pt["specificity"], pt["sensitivity"], marker, ms=8, label=
+                    f"{label}: sens {pt['sensitivity']:.3f}, spec {pt['specificity']:.3f}")
+    ax.set_xlabel("1 - specificity")
+    ax.set_ylabel("sensitivity")
+    ax.set_title(title)
+    ax.legend(fontsize=7, loc="lower right")
+    fig.tight_layout()
+    out_png.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(out_png, dpi=120)
+    plt.close(fig)
+    return pd.DataFrame({"fpr": fpr, "tpr": tpr, "threshold": thr})
+
+
+def _interval(boot: Mapping, key: str) -> tuple[float, float]:
+    return float(boot["low"][key]), float(boot["high"][key])
+
+
+def _markdown(pooled: pd.DataFrame, by_fold: pd.DataFrame, points: pd.DataFrame, cell: str,
+              positive: str, boot: Mapping) -> str:
+    cols = list(BINARY_FIGURES)
     shown = pd.DataFrame({"threshold": pooled["threshold"].map(lambda t: f"{t:.2f}")})
     for c in cols:
-        shown[c] = [f"{v:.3f} ± {h:.3f}" if f"{c}_ci" in pooled else f"{v:.3f}"
-                    for v, h in zip(pooled[c], pooled.get(f"{c}_ci", pooled[c]))]
+        shown[c] = [f"{v:.3f} [{lo:.3f}, {hi:.3f}]" for v, lo, hi in
+                    zip(pooled[c], pooled[f"{c}_low"], pooled[f"{c}_high"])]
+    for c in ("sensitivity", "specificity"):
+        shown[f"{c} ± Wald"] = [f"{v:.3f} ± {h:.3f}" for v, h in zip(pooled[c], pooled[f"{c}_ci"])]
     stats = by_fold.groupby("threshold")[cols].agg(["mean", "std"]).fillna(0.0)
     folds = pd.DataFrame({"threshold": [f"{t:.2f}" for t in stats.index]})
     for c in cols:
         folds[c] = [f"{m:.3f} ± {s:.3f}" for m, s in zip(stats[(c, "mean")], stats[(c, "std")])]
-    table = shown.to_markdown(index=False, disable_numparse=True)
-    fold_table = folds.to_markdown(index=False, disable_numparse=True)
+    ops = pd.DataFrame({"point": points["point"],
+                        "threshold": [f"{t:.4f}" if isinstance(t, float) else str(t)
+                                      for t in points["threshold_shown"]]})
+    for c in ("sensitivity", "specificity", "accuracy"):
+        ops[c] = [f"{v:.3f} [{lo:.3f}, {hi:.3f}]" if math.isfinite(v) else "not available"
+                  for v, lo, hi in zip(points[c], points[f"{c}_low"], points[f"{c}_high"])]
     return (f"# {cell}: {positive} vs rest\n\n"
-            f"Pooled over folds (± Wald 95% half-width):\n\n{table}\n\n"
-            f"Per fold (mean ± std over {by_fold['fold'].nunique()} folds):\n\n{fold_table}\n\n"
-            f"Operating point at sensitivity >= {op['target_sensitivity']:.3f}: threshold "
-            f"{op['threshold']:.4f}, sensitivity {op['sensitivity']:.3f} ± "
-            f"{op['sensitivity_ci']:.3f}, specificity {op['specificity']:.3f} ± "
-            f"{op['specificity_ci']:.3f} ({op['n_positive']} positive, {op['n_negative']} "
-            f"negative images).\n")
+            f"Pooled over folds (95% interval by bootstrap over {boot['n_groups']} patients, "
+            f"{boot['n_boot']} resamples; the study's Wald half-width over images beside):\n\n"
+            f"{shown.to_markdown(index=False, disable_numparse=True)}\n\n"
+            f"Per fold (mean ± std over {by_fold['fold'].nunique()} folds):\n\n"
+            f"{folds.to_markdown(index=False, disable_numparse=True)}\n\n"
+            f"Operating points:\n\n{ops.to_markdown(index=False, disable_numparse=True)}\n")
 
 
 def evaluate_cell(preds: pd.DataFrame, classes: Sequence[str], positive: str, cfg: Mapping,
-                  out_dir: Path, subgroups: pd.Series | None = None) -> dict:
-    """Write one cell's sweep, operating point and histogram; return its compact figures."""
+                  out_dir: Path, subgroups: pd.Series | None = None,
+                  val: pd.DataFrame | None = None, seed: int = 0) -> dict:
+    """Write one cell's sweep, operating points, intervals, ROC and histogram; return its
+    compact figures. ``val``: the folds' validation predictions (same columns), or None."""
     col = f"prob_{positive}"
     if col not in preds.columns:
         raise KeyError(f"predictions lack column {col} (classes {list(classes)})")
-    y = (preds["y_true"].to_numpy() == list(classes).index(positive)).astype(int)
+    pos_idx = list(classes).index(positive)
+    y = (preds["y_true"].to_numpy() == pos_idx).astype(int)
     s = preds[col].to_numpy(float)
-    z = float(cfg["z"])
+    z, target = float(cfg["z"]), float(cfg["target_sensitivity"])
     out_dir.mkdir(parents=True, exist_ok=True)
     pooled = threshold_sweep(y, s, cfg["thresholds"], z)
-    pooled.to_csv(out_dir / "sweep.csv", index=False)
     by_fold = pd.concat([threshold_sweep(y[m], s[m], cfg["thresholds"], z).assign(fold=f)
                          for f in sorted(preds["fold"].unique())
                          for m in [preds["fold"].to_numpy() == f]], ignore_index=True)
     by_fold.to_csv(out_dir / "sweep_by_fold.csv", index=False)
-    op = operating_point(y, s, float(cfg["target_sensitivity"]), z)
+    op = operating_point(y, s, target, z)  # fitted on the pooled test rows, as the study did
     auc = float(roc_auc_score(y, s)) if 0 < y.sum() < len(y) else math.nan
+
+    held = held_out_thresholds(val, preds, pos_idx, col, target, z)
+    held.to_csv(out_dir / "held_out_thresholds.csv", index=False)
+    held_ok = bool(held["threshold"].notna().all())
+    table = preds.assign(held_out_threshold=preds["fold"].map(held.set_index("fold")["threshold"]))
+    rules: dict[str, float | str] = {_rule_name(t): float(t) for t in cfg["thresholds"]}
+    rules["fitted"] = op["threshold"]
+    if held_ok:
+        rules["held_out"] = "held_out_threshold"
+    boot = patient_bootstrap(table, BinaryFigures(pos_idx, col, rules), classes,
+                             n_boot=int(cfg["bootstrap"]), seed=seed, ci=float(cfg["ci"]))
+    for c in BINARY_FIGURES:
+        keys = [f"{_rule_name(t)}.{c}" for t in cfg["thresholds"]]
+        pooled[f"{c}_low"] = [boot["low"][k] for k in keys]
+        pooled[f"{c}_high"] = [boot["high"][k] for k in keys]
+    pooled.to_csv(out_dir / "sweep.csv", index=False)
+
+    held_point: dict = {"label": HELD_OUT_LABEL, "available": held_ok,
+                        "target_sensitivity": target, "per_fold": held.to_dict("records")}
+    if held_ok:
+        # the pooled counts at each fold's own threshold
+        c = {k: 0 for k in ("tp", "fp", "tn", "fn")}
+        for r in held.itertuples():
+            m = preds["fold"].to_numpy() == r.fold
+            part = confusion_at(y[m], s[m], r.threshold, z)
+            for k in c:
+                c[k] += part[k]
+        n_pos, n_neg = c["tp"] + c["fn"], c["tn"] + c["fp"]
+        sens, spec = _ratio(c["tp"], n_pos), _ratio(c["tn"], n_neg)
+        held_point.update(c, thresholds=held["threshold"].tolist(),
+                          **{f: boot["point"][f"held_out.{f}"] for f in BINARY_FIGURES},
+                          sensitivity_ci=wald_ci(sens, n_pos, z).half_width,
+                          specificity_ci=wald_ci(spec, n_neg, z).half_width,
+                          accuracy_ci=wald_ci(boot["point"]["held_out.accuracy"], len(y), z).half_width,
+                          bootstrap={f: _interval(boot, f"held_out.{f}") for f in BINARY_FIGURES},
+                          notes=[n for n in held["note"] if n])
+    else:
+        held_point["notes"] = sorted({n for n in held["note"] if n}) or ["no held-out threshold"]
+    op["label"] = FITTED_LABEL
+    op["bootstrap"] = {f: _interval(boot, f"fitted.{f}") for f in BINARY_FIGURES}
     op["auc"] = auc
+    op["auc_bootstrap"] = _interval(boot, "auc")
+    op["bootstrap_resamples"], op["bootstrap_patients"] = boot["n_boot"], boot["n_groups"]
+    op["bootstrap_seed"] = seed
+    op["held_out"] = held_point
     (out_dir / "operating_point.json").write_text(json.dumps(op, indent=2) + "\n")
-    (out_dir / "sweep.md").write_text(_markdown(pooled, by_fold, op, out_dir.name, positive))
+
+    rows = []
+    for label, pt, shown_thr in ((FITTED_LABEL, op, op["threshold"]),
+                                 (HELD_OUT_LABEL, held_point if held_ok else None,
+                                  ", ".join(f"{t:.4f}" for t in held["threshold"]) if held_ok
+                                  else "not available")):
+        row = {"point": label, "threshold_shown": shown_thr}
+        for f in BINARY_FIGURES:
+            lo, hi = pt["bootstrap"][f] if pt else (math.nan, math.nan)
+            row.update({f: pt[f] if pt else math.nan, f"{f}_low": lo, f"{f}_high": hi})
+        for f in ("sensitivity", "specificity", "accuracy"):
+            row[f"{f}_wald"] = pt[f"{f}_ci"] if pt else math.nan
+        row.update({k: pt[k] if pt else math.nan for k in ("tp", "fp", "tn", "fn")})
+        row["note"] = "" if pt else "; ".join(held_point["notes"])
+        rows.append(row)
+    points = pd.DataFrame(rows)
+    points.to_csv(out_dir / "operating_points.csv", index=False)
+    (out_dir / "sweep.md").write_text(_markdown(pooled, by_fold, points, out_dir.name, positive, boot))
+
+    if 0 < y.sum() < len(y):
+        roc_figure(y, s, {"fitted on test": op, "held out": held_point if held_ok else {}},
+                   out_dir / "roc.png", f"{out_dir.name}: AUC {auc:.3f}").to_csv(
+                       out_dir / "roc.csv", index=False)
     groups = subgroups if subgroups is not None else pd.Series(
         [classes[i] for i in preds["y_true"]], index=preds.index)
     hist = score_histograms(pd.DataFrame({"score": s, "subgroup": groups.fillna("?").to_numpy()}),
                             "score", "subgroup", out_dir / "histogram.png", int(cfg["bins"]),
-                            op["threshold"], f"{out_dir.name}: P({positive})")
+                            {"fitted on test": op["threshold"],
+                             **({"held out": held_point["thresholds"][0]} if held_ok
+                                and len(set(held_point["thresholds"])) == 1 else {})},
+                            f"{out_dir.name}: P({positive})")
     hist.to_csv(out_dir / "histogram.csv", index=False)
-    return {"auc": auc, "operating_point": {k: op[k] for k in
-                                            ("threshold", "sensitivity", "specificity", "accuracy")},
+    compact_held = ({k: held_point[k] for k in ("sensitivity", "specificity", "accuracy")}
+                    | {"thresholds": held_point["thresholds"]} if held_ok else {"available": False})
+    return {"auc": auc, "auc_ci": list(op["auc_bootstrap"]),
+            "operating_point": {k: op[k] for k in
+                                ("threshold", "sensitivity", "specificity", "accuracy")},
+            "held_out_point": compact_held,
             "sweep": {f"{r.threshold:.2f}": {"accuracy": r.accuracy, "sensitivity": r.sensitivity,
                                              "specificity": r.specificity, "f1": r.f1}
                       for r in pooled.itertuples()}}
+
+
+def read_val_predictions(cell_dir: Path, folds: Sequence[int]) -> pd.DataFrame | None:
+    """The folds' ``fold_<k>/val_predictions.csv`` joined (those that exist), or None."""
+    parts = [pd.read_csv(f, dtype={"patient": str}) for k in folds
+             for f in [cell_dir / f"fold_{k}" / "val_predictions.csv"] if f.is_file()]
+    return pd.concat(parts, ignore_index=True) if parts else None
 
 
 def _tsne_cell(cell_dir: Path, preds: pd.DataFrame, frames_dir: Path, cfg: Mapping, seed: int,
@@ -324,14 +536,16 @@ def main(argv: Sequence[str] | None = None) -> None:
             groups = None
             if findings is not None:
                 groups = preds["frame"].map(findings).replace("", np.nan)
-            compact[cell] = evaluate_cell(preds, classes, positive, cfg, out / cell, groups)
+            val = read_val_predictions(Path("models") / cell, sorted(preds["fold"].unique()))
+            compact[cell] = evaluate_cell(preds, classes, positive, cfg, out / cell, groups, val,
+                                          int(params.get("seed", 0)))
             if cfg["tsne"]:
                 _tsne_cell(Path("models") / cell, preds, Path(ds["frames_dir"]), cfg,
                            int(params.get("seed", 0)), out / cell / "tsne.png")
-            log.info("%s: AUC %.3f; at sensitivity >= %.3f: threshold %.3f, specificity %.3f", cell,
-                     compact[cell]["auc"], cfg["target_sensitivity"],
-                     compact[cell]["operating_point"]["threshold"],
-                     compact[cell]["operating_point"]["specificity"])
+            log.info("%s: AUC %.3f; at sensitivity >= %.3f: threshold %.3f, specificity %.3f "
+                     "(fitted on test); held out: %s", cell, compact[cell]["auc"],
+                     cfg["target_sensitivity"], compact[cell]["operating_point"]["threshold"],
+                     compact[cell]["operating_point"]["specificity"], compact[cell]["held_out_point"])
     metrics_path.write_text(json.dumps(compact, indent=2) + "\n")
 
 

@@ -200,6 +200,147 @@ def build_tables(params: Mapping, evaluation: Mapping, runs: Mapping[str, dict],
     return sections
 
 
+def _ci(value: float, low: float, high: float) -> str:
+    return f"{fmt(value)} [{fmt(low)}, {fmt(high)}]" if np.isfinite(value) else "–"
+
+
+def _wald(value: float | None, half: float | None) -> str:
+    if value is None or half is None or not np.isfinite(value) or not np.isfinite(half):
+        return "–"
+    return f"{fmt(value)} ± {fmt(half)}"
+
+
+BINARY_SHOWN = (("sensitivity", "sensitivity"), ("specificity", "specificity"),
+                ("accuracy", "accuracy"), ("precision", "precision"), ("f1", "F1"))
+
+
+def binary_sections(binary_dir: Path, cells: Sequence[str], published: Mapping, prov: str,
+                    tables_dir: Path, figures_dir: Path) -> tuple[list[str], list[str]]:
+    """The two-class study's tables and figures from ``binary_eval``'s outputs
+    (``<binary_dir>/<cell>/``): the threshold sweep, the two operating points (fitted on test
+    as in the study, and held out), the per-fold spread, with patient-bootstrap intervals and the
+    study's Wald intervals; published figures (``published["binary"]``) as rows marked
+    published. Figures (ROC with both points, score histograms, t-SNE) are copied to
+    ``figures_dir`` when they exist. Returns (Markdown sections, figure file names)."""
+    import shutil
+
+    cells = [c for c in cells if (binary_dir / c / "operating_point.json").is_file()]
+    if not cells:
+        return [], []
+    pub = (published.get("binary") or {})
+    pub_rows = pub.get("rows", {})
+    sweep_rows, point_rows, fold_rows, notes, figs = [], [], [], [], []
+    target = None
+    for cell in cells:
+        d = binary_dir / cell
+        sweep = pd.read_csv(d / "sweep.csv")
+        op = json.loads((d / "operating_point.json").read_text())
+        target = op["target_sensitivity"]
+        points = pd.read_csv(d / "operating_points.csv", keep_default_na=False,
+                             na_values=[""]) if (d / "operating_points.csv").is_file() else None
+        p = pub_rows.get(cell, {})
+        for r in sweep.itertuples():
+            row = {"row": cell, "threshold": f"{r.threshold:.2f}"}
+            for key, name in BINARY_SHOWN:
+                row[f"{name} [95% CI]"] = _ci(getattr(r, key), getattr(r, f"{key}_low"),
+                                              getattr(r, f"{key}_high"))
+            for key in ("sensitivity", "specificity", "accuracy"):
+                row[f"{key} ± Wald"] = _wald(getattr(r, key), getattr(r, f"{key}_ci"))
+            sweep_rows.append(row)
+        for ps in (p.get("sweep") or {}).items():
+            thr, vals = ps
+            row = {"row": f"{cell} (published)", "threshold": f"{float(thr):.2f}"}
+            for key, name in BINARY_SHOWN:
+                row[f"{name} [95% CI]"] = fmt(vals.get(key)) if key in vals else "–"
+            for key in ("sensitivity", "specificity", "accuracy"):
+                row[f"{key} ± Wald"] = _wald(vals.get(key), vals.get(f"{key}_wald"))
+            sweep_rows.append(row)
+        auc_text = _ci(op.get("auc", np.nan), *op.get("auc_bootstrap", (np.nan, np.nan)))
+        if points is not None:
+            for r in points.itertuples():
+                try:
+                    shown_thr = f"{float(r.threshold_shown):.4f}"
+                except ValueError:  # several folds' thresholds, or "not available"
+                    shown_thr = str(r.threshold_shown)
+                row = {"row": cell, "operating point": r.point, "threshold": shown_thr}
+                for key, name in BINARY_SHOWN:
+                    row[f"{name} [95% CI]"] = _ci(getattr(r, key), getattr(r, f"{key}_low"),
+                                                  getattr(r, f"{key}_high"))
+                for key in ("sensitivity", "specificity"):
+                    row[f"{key} ± Wald"] = _wald(getattr(r, key), getattr(r, f"{key}_wald"))
+                row["AUC [95% CI]"] = auc_text
+                point_rows.append(row)
+                if isinstance(r.note, str) and r.note:
+                    notes.append(f"{cell}, {r.point}: {r.note}.")
+        if p.get("operating_point"):
+            q = p["operating_point"]
+            row = {"row": f"{cell} (published)", "operating point":
+                   f"published: threshold for {fmt(q.get('target_sensitivity'))} sensitivity, "
+                   "fitted on test", "threshold": "–"}
+            for key, name in BINARY_SHOWN:
+                row[f"{name} [95% CI]"] = fmt(q[key]) if key in q else "–"
+            for key in ("sensitivity", "specificity"):
+                row[f"{key} ± Wald"] = _wald(q.get(key), q.get(f"{key}_wald"))
+            row["AUC [95% CI]"] = fmt(p.get("auc"))
+            point_rows.append(row)
+        by_fold = pd.read_csv(d / "sweep_by_fold.csv")
+        n_folds = by_fold["fold"].nunique()
+        spread = by_fold.groupby("threshold")[["sensitivity", "specificity", "accuracy"]]
+        for thr, part in spread:
+            fold_rows.append({"row": cell, "threshold": f"{thr:.2f}", "folds": n_folds,
+                              **{f"{k} mean ± std": _wald(part[k].mean(), part[k].std(ddof=1))
+                                 if n_folds > 1 else fmt(part[k].mean())
+                                 for k in ("sensitivity", "specificity", "accuracy")},
+                              "threshold range": "–"})
+        held = d / "held_out_thresholds.csv"
+        if held.is_file():
+            h = pd.read_csv(held, dtype={"note": str, "source": str})
+            h["note"] = h["note"].fillna("")
+            flagged = h[h["note"] != ""].groupby("note")["fold"].apply(list)
+            notes += [f"{cell}, held out, fold{'s' if len(f) > 1 else ''} "
+                      f"{', '.join(map(str, f))}: {n}." for n, f in flagged.items()
+                      if h["threshold"].notna().any()]  # else the point's own row says why
+            ok = h["threshold"].notna()
+            if ok.any():
+                row = {"row": cell, "threshold": "held out (per fold)", "folds": int(ok.sum())}
+                for k in ("sensitivity", "specificity"):
+                    v = h.loc[ok, f"test_{k}"]
+                    row[f"{k} mean ± std"] = (_wald(v.mean(), v.std(ddof=1)) if ok.sum() > 1
+                                             else fmt(v.mean()))
+                row["accuracy mean ± std"] = "–"
+                row["threshold range"] = (f"{fmt(h.loc[ok, 'threshold'].min(), 4)} – "
+                                          f"{fmt(h.loc[ok, 'threshold'].max(), 4)}")
+                fold_rows.append(row)
+        for src, name in (("roc.png", f"binary_roc_{cell}.png"),
+                          ("histogram.png", f"binary_histogram_{cell}.png"),
+                          ("tsne.png", f"binary_tsne_{cell}.png")):
+            if (d / src).is_file():
+                figures_dir.mkdir(parents=True, exist_ok=True)
+                shutil.copy(d / src, figures_dir / name)
+                figs.append(name)
+    src_note = ([f"Rows marked (published): {pub['source']}; the study fitted its threshold on "
+                 "its test images and gave Wald intervals over images."] if pub.get("source") else [])
+    boot = json.loads((binary_dir / cells[0] / "operating_point.json").read_text())
+    ci_note = (f"[95% CI]: percentile bootstrap over patients ({boot.get('bootstrap_resamples')} "
+               f"resamples, seed {boot.get('bootstrap_seed')}), as in the three-class tables; "
+               "± Wald: the study's z·sqrt(p(1-p)/N) over images, for comparison with the paper.")
+    sections = [write_table(pd.DataFrame(sweep_rows), tables_dir, "binary_sweep",
+                            "Two-class threshold sweep (study 001's Table 2 thresholds), pooled "
+                            "over folds", prov, [ci_note, *src_note])]
+    if point_rows:
+        sections.append(write_table(
+            pd.DataFrame(point_rows), tables_dir, "binary_operating_points",
+            f"Two-class operating points at {fmt(target)} sensitivity: fitted on test (the "
+            "study's, optimistic) and held out (each fold's threshold chosen on its validation "
+            "patients, applied to its test patients, pooled)", prov,
+            [ci_note, *src_note, *notes]))
+    sections.append(write_table(pd.DataFrame(fold_rows), tables_dir, "binary_folds",
+                                "Two-class figures per fold (mean ± sample std over folds)", prov,
+                                ["Held out (per fold): each fold's test sensitivity and "
+                                 "specificity at its own validation threshold."]))
+    return sections, figs
+
+
 def figures(evaluation: Mapping, out_dir: Path, plots_dir: Path, models_dir: Path) -> list[str]:
     """Confusion matrices (counts, row-normalised), ROC curves and training curves as PNG."""
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -344,6 +485,13 @@ def main(argv: Sequence[str] | None = None) -> None:
     parity = load_json_files(cells, "exports/{}/parity.json")
     sections = build_tables(params, evaluation, runs, folds_table, published, benchmarks, parity,
                             out / "tables")
+    binary_figs: list[str] = []
+    if get(params, "dataset").get("positive_class"):
+        binary_dir = Path((params.get("binary") or {}).get("dir", "reports/binary"))
+        more, binary_figs = binary_sections(binary_dir, cells, published,
+                                            provenance(params, runs), out / "tables",
+                                            out / "figures")
+        sections += more
     figs = figures(evaluation, out / "figures", out / "plots", Path("models"))
     if tradeoff_figure(evaluation, benchmarks, get(params, "grid.losses")[0],
                        out / "figures" / "tradeoff.png"):
@@ -373,6 +521,10 @@ def main(argv: Sequence[str] | None = None) -> None:
     page.append("## Figures\n")
     page += [f"> {note}\n" for note in skipped]
     page += [f"![{f}](figures/{f})\n" for f in figs]
+    if binary_figs:
+        page.append("### Two-class figures (ROC with both operating points, score histograms "
+                    "per finding, t-SNE)\n")
+        page += [f"![{f}](figures/{f})\n" for f in binary_figs]
     (out / "README.md").write_text("\n".join(page))
     log.info("wrote %d tables and %d figures under %s", len(sections), len(figs), out)
 

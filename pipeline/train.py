@@ -4,7 +4,8 @@
 composed ``params.yaml`` (so ``dvc exp run -S`` overrides reach it) and applies any further
 ``key=value`` overrides to existing keys. Writes, under ``models/<model>-<loss>/``:
 ``fold_<k>/best.pt`` (best validation loss), ``fold_<k>/history.csv``,
-``fold_<k>/test_predictions.csv``, ``predictions.csv`` (all folds), ``metrics.json`` and
+``fold_<k>/test_predictions.csv``, ``fold_<k>/val_predictions.csv`` (same columns, the
+validation rows), ``predictions.csv`` (all folds' test rows), ``metrics.json`` and
 ``run.json``; logs a parent MLflow run with one child per fold.
 
 A fold interrupted at any point resumes from its last finished epoch (state under
@@ -265,15 +266,18 @@ def train_fold(params: Mapping, model_name: str, loss_name: str, fold: int, stor
                         meta={"model": model_name, "loss": loss_name, "fold": fold, "seed": seed})
         pd.DataFrame(state["history"]).to_csv(fold_dir / "history.csv", index=False)
 
-        logits = predict_logits(model, images["test"], device, eval_bs, amp, channels_last)
-        probs = torch.softmax(logits, 1).numpy()
-        test = parts["test"]
-        preds = pd.DataFrame({"frame": test["frame"].to_numpy(), "source": test["source"].to_numpy(),
-                              "patient": test["patient"].astype(str).to_numpy(), "fold": fold,
-                              "y_true": test["label"].to_numpy(), "y_pred": probs.argmax(1)})
-        for i, c in enumerate(classes):
-            preds[f"prob_{c}"] = probs[:, i]
-        preds.to_csv(fold_dir / "test_predictions.csv", index=False)
+        # Validation predictions of the restored weights too: binary_eval picks its held-out
+        # operating threshold on them. The loop ends on test: probs and preds are the test set's.
+        for split in ("val", "test"):
+            logits = predict_logits(model, images[split], device, eval_bs, amp, channels_last)
+            probs = torch.softmax(logits, 1).numpy()
+            part = parts[split]
+            preds = pd.DataFrame({"frame": part["frame"].to_numpy(), "source": part["source"].to_numpy(),
+                                  "patient": part["patient"].astype(str).to_numpy(), "fold": fold,
+                                  "y_true": part["label"].to_numpy(), "y_pred": probs.argmax(1)})
+            for i, c in enumerate(classes):
+                preds[f"prob_{c}"] = probs[:, i]
+            preds.to_csv(fold_dir / f"{split}_predictions.csv", index=False)
 
         from pipeline.metrics import classification_metrics, metrics_to_flat
 

@@ -23,7 +23,7 @@ LOG="$WORK/run.log"
 pack() {
   python3 resume_histories.py partial >> "$LOG" 2>&1  # folds cut off by the deadline
   tar czf "$OUT/$TAG.tgz" params.yaml data/*.json models/*/run.json models/*/metrics.json \
-    models/*/predictions.csv models/*/fold_*/history.csv models/*/fold_*/test_predictions.csv \
+    models/*/predictions.csv models/*/fold_*/history.csv models/*/fold_*/test_predictions.csv models/*/fold_*/val_predictions.csv \
     models/*/fold_*/metrics.json partial run.log 2>/dev/null
 }
 trap pack EXIT

@@ -11,9 +11,11 @@ import pytest
 import torch
 import yaml
 
-from pipeline.binary_eval import (main, operating_point, penultimate_features, score_histograms,
-                                  threshold_sweep, tsne_plot, wald_ci)
+from pipeline.binary_eval import (confusion_at, evaluate_cell, held_out_thresholds, main,
+                                  min_positives, operating_point, penultimate_features,
+                                  score_histograms, threshold_sweep, tsne_plot, wald_ci)
 from pipeline.config import compose
+from pipeline.metrics import BinaryFigures, patient_bootstrap
 
 # 4 positives, 6 negatives. A score >= the threshold is called positive.
 Y = [1, 1, 1, 1, 0, 0, 0, 0, 0, 0]
@@ -124,8 +126,22 @@ def test_main_writes_every_cell(tmp_path, monkeypatch):
                   "y_true": y_true, "y_pred": [0 if s >= 0.5 else 1 for s in S],
                   "prob_covid": S, "prob_non_covid": [1 - s for s in S]}).to_csv(
         cell / "predictions.csv", index=False)
+    for fold in (0, 1):  # validation: 2 positives scoring 0.6 and 0.4, 2 negatives at 0.1
+        (cell / f"fold_{fold}").mkdir()
+        pd.DataFrame({"frame": [f"v{fold}{i}" for i in range(4)], "source": "v",
+                      "patient": [f"vp{fold}{i}" for i in range(4)], "fold": fold,
+                      "y_true": [0, 0, 1, 1], "y_pred": [0, 1, 1, 1],
+                      "prob_covid": [0.6, 0.4, 0.1, 0.1], "prob_non_covid": [0.4, 0.6, 0.9, 0.9]}
+                     ).to_csv(cell / f"fold_{fold}" / "val_predictions.csv", index=False)
     main([])
     out = tmp_path / "reports" / "binary"
+    held = pd.read_csv(out / "resnet50-ce" / "held_out_thresholds.csv")
+    assert held["threshold"].tolist() == [0.4, 0.4]  # both validation positives kept
+    assert held["note"].str.contains("needed to resolve").all()
+    metrics = json.loads((tmp_path / "reports" / "binary_metrics.json").read_text())
+    # test positives score 0.9, 0.28, 0.22, 0.10: only 0.9 reaches 0.4; negatives all below
+    assert metrics["resnet50-ce"]["held_out_point"]["sensitivity"] == pytest.approx(1 / 4)
+    assert metrics["resnet50-ce"]["held_out_point"]["specificity"] == pytest.approx(1.0)
     sweep = pd.read_csv(out / "resnet50-ce" / "sweep.csv")
     assert sweep["accuracy"].tolist() == pytest.approx([0.5, 0.7, 0.6, 0.6])
     op = json.loads((out / "resnet50-ce" / "operating_point.json").read_text())
@@ -134,6 +150,7 @@ def test_main_writes_every_cell(tmp_path, monkeypatch):
     assert set(hist.subgroup) == {"covid", "normal", "other"}
     assert set(pd.read_csv(out / "resnet50-ce" / "sweep_by_fold.csv").fold) == {0, 1}
     assert "± " in (out / "resnet50-ce" / "sweep.md").read_text()
+    assert (out / "resnet50-ce" / "roc.png").is_file()
     metrics = json.loads((tmp_path / "reports" / "binary_metrics.json").read_text())
     assert metrics["resnet50-ce"]["sweep"]["0.20"]["accuracy"] == pytest.approx(0.7)
 
@@ -172,3 +189,173 @@ def test_main_without_positive_class_writes_an_empty_record(tmp_path, monkeypatc
     main([])
     assert json.loads((tmp_path / "reports" / "binary_metrics.json").read_text()) == {}
     assert "positive_class" in (tmp_path / "reports" / "binary" / "README.md").read_text()
+
+
+# --------------------------------------------------------------------------- held-out point
+def _tables(seed: int = 0, n_folds: int = 3, per_fold: int = 80):
+    """Test and validation prediction tables of ``n_folds`` folds; class 0 = covid = positive;
+    one image per patient; positives score higher on average."""
+    rng = np.random.default_rng(seed)
+    out = {}
+    for split in ("test", "val"):
+        rows = []
+        for f in range(n_folds):
+            y = rng.integers(0, 2, per_fold)  # 0 = covid
+            s = np.clip(np.where(y == 0, rng.normal(0.7, 0.2, per_fold),
+                                 rng.normal(0.3, 0.2, per_fold)), 0, 1)
+            for i in range(per_fold):
+                name = f"{split}_f{f}_{i}"
+                rows.append({"frame": name, "source": name, "patient": name, "fold": f,
+                             "y_true": int(y[i]), "y_pred": int(s[i] < 0.5),
+                             "prob_covid": s[i], "prob_non_covid": 1 - s[i]})
+        out[split] = pd.DataFrame(rows)
+    return out["test"], out["val"]
+
+
+CFG = {"thresholds": [0.15, 0.2, 0.25, 0.3], "target_sensitivity": 0.9, "z": 1.96, "bins": 10,
+       "bootstrap": 200, "ci": 0.95}
+
+
+def test_held_out_threshold_comes_from_validation_rows_only():
+    test, val = _tables()
+    held = held_out_thresholds(val, test, 0, "prob_covid", 0.9)
+    for r in held.itertuples():
+        v = val[val.fold == r.fold]
+        expected = operating_point((v.y_true == 0).astype(int), v.prob_covid, 0.9)["threshold"]
+        assert r.threshold == expected and r.source == "validation"
+        assert r.val_sensitivity >= 0.9
+    # changing every test score cannot move it
+    shuffled = test.assign(prob_covid=np.random.default_rng(5).random(len(test)))
+    assert held_out_thresholds(val, shuffled, 0, "prob_covid", 0.9)["threshold"].tolist() == \
+        held["threshold"].tolist()
+    # changing the validation scores does
+    moved = val.assign(prob_covid=val.prob_covid * 0.5)
+    assert (held_out_thresholds(moved, test, 0, "prob_covid", 0.9)["threshold"]
+            != held["threshold"]).all()
+
+
+def test_held_out_fallbacks_are_flagged():
+    test, val = _tables()
+    small = val[(val.fold != 1) | (val.index % 9 == 0)]  # fold 1 keeps a few validation rows
+    held = held_out_thresholds(small, test, 0, "prob_covid", 0.973).set_index("fold")
+    assert held.loc[1, "n_val_positive"] < min_positives(0.973) == 38
+    assert "needed to resolve" in held.loc[1, "note"]
+    v = small[(small.fold == 1) & (small.y_true == 0)]
+    assert held.loc[1, "threshold"] == v.prob_covid.min()  # keeps every validation positive
+    no_pos = val[(val.fold != 2) | (val.y_true == 1)]
+    held = held_out_thresholds(no_pos, test, 0, "prob_covid", 0.9).set_index("fold")
+    assert held.loc[2, "source"] == "fallback"
+    assert held.loc[2, "threshold"] == pytest.approx(held.loc[[0, 1], "threshold"].mean())
+    missing = held_out_thresholds(None, test, 0, "prob_covid", 0.9)
+    assert missing["threshold"].isna().all() and (missing["source"] == "missing").all()
+
+
+def test_evaluate_cell_points_and_patient_intervals(tmp_path):
+    test, val = _tables()
+    classes = ["covid", "non_covid"]
+    y, s = (test.y_true == 0).astype(int).to_numpy(), test.prob_covid.to_numpy()
+    without = evaluate_cell(test, classes, "covid", CFG, tmp_path / "a", seed=3)
+    with_val = evaluate_cell(test, classes, "covid", CFG, tmp_path / "b", val=val, seed=3)
+    # the study's test-fitted point is today's operating_point, with or without validation rows
+    fitted = operating_point(y, s, 0.9)
+    for res in (without, with_val):
+        assert res["operating_point"] == {k: fitted[k] for k in
+                                          ("threshold", "sensitivity", "specificity", "accuracy")}
+    assert without["held_out_point"] == {"available": False}
+    # the held-out point: each fold's validation threshold applied to that fold's test rows
+    held = held_out_thresholds(val, test, 0, "prob_covid", 0.9)
+    thr = test.fold.map(held.set_index("fold").threshold).to_numpy()
+    pred = s >= thr
+    assert with_val["held_out_point"]["sensitivity"] == pytest.approx(pred[y == 1].mean())
+    assert with_val["held_out_point"]["specificity"] == pytest.approx((~pred[y == 0]).mean())
+    op = json.loads((tmp_path / "b" / "operating_point.json").read_text())
+    assert op["label"].startswith("fitted on test") and op["held_out"]["available"]
+    lo, hi = op["held_out"]["bootstrap"]["sensitivity"]
+    assert lo <= op["held_out"]["sensitivity"] <= hi and lo < hi
+    points = pd.read_csv(tmp_path / "b" / "operating_points.csv")
+    assert points["point"].str.startswith(("fitted on test", "held out")).all()
+    sweep = pd.read_csv(tmp_path / "b" / "sweep.csv")
+    assert (sweep.sensitivity_low <= sweep.sensitivity).all() and (sweep.sensitivity <= sweep.sensitivity_high).all()
+    assert {"sensitivity_ci", "specificity_ci", "accuracy_ci", "f1_low", "precision_high"} <= set(sweep)
+    assert (tmp_path / "b" / "roc.png").stat().st_size > 0
+    assert len(with_val["auc_ci"]) == 2 and with_val["auc_ci"][0] < with_val["auc"] < with_val["auc_ci"][1]
+
+
+def test_patient_bootstrap_resamples_patients_not_images():
+    """Three identical images per patient give the interval of one image per patient; an
+    image-level bootstrap of the same rows would be narrower."""
+    test, _ = _tables(n_folds=1, per_fold=60)
+    stat = BinaryFigures(0, "prob_covid", {"a": 0.5})
+    one = patient_bootstrap(test, stat, ["covid", "non_covid"], n_boot=300, seed=7)
+    triple = pd.concat([test] * 3, ignore_index=True).sample(frac=1, random_state=1)
+    three = patient_bootstrap(triple, stat, ["covid", "non_covid"], n_boot=300, seed=7)
+    for k in ("a.sensitivity", "a.specificity", "a.accuracy", "a.f1", "auc"):
+        assert three["low"][k] == pytest.approx(one["low"][k])
+        assert three["high"][k] == pytest.approx(one["high"][k])
+    by_image = patient_bootstrap(triple.assign(img=range(len(triple))), stat,
+                                 ["covid", "non_covid"], n_boot=300, seed=7, group_col="img")
+    width = lambda b, k: b["high"][k] - b["low"][k]  # noqa: E731
+    assert width(by_image, "a.accuracy") < width(three, "a.accuracy")
+
+
+def test_binary_figures_match_the_single_threshold_figures():
+    test, _ = _tables()
+    y, s = (test.y_true == 0).astype(int), test.prob_covid
+    got = BinaryFigures(0, "prob_covid", {"x": 0.25})(test)
+    ref = confusion_at(y, s, 0.25)
+    for f in ("accuracy", "sensitivity", "specificity", "precision", "f1"):
+        assert got[f"x.{f}"] == pytest.approx(ref[f])
+    from sklearn.metrics import roc_auc_score
+
+    assert got["auc"] == pytest.approx(roc_auc_score(y, s))
+
+
+def test_report_section_shows_both_points_intervals_and_published(tmp_path):
+    from pipeline.report import binary_sections
+
+    test, val = _tables()
+    cells = tmp_path / "binary"
+    cfg = {**CFG, "target_sensitivity": 0.973}
+    evaluate_cell(test, ["covid", "non_covid"], "covid", cfg, cells / "resnet50-ce", val=val, seed=1)
+    evaluate_cell(test, ["covid", "non_covid"], "covid", cfg, cells / "other-ce", seed=1)  # no val
+    published = {"binary": {"source": "study 001", "rows": {"resnet50-ce": {
+        "sweep": {0.15: {"sensitivity": 0.9736, "sensitivity_wald": 0.0053}},
+        "operating_point": {"target_sensitivity": 0.973, "specificity": 0.982,
+                            "specificity_wald": 0.013}}}}}
+    sections, figs = binary_sections(cells, ["resnet50-ce", "other-ce", "absent-ce"], published,
+                                     "prov", tmp_path / "tables", tmp_path / "figures")
+    page = "\n".join(sections)
+    for name in ("binary_sweep", "binary_operating_points", "binary_folds"):
+        for ext in ("csv", "tex", "md"):
+            assert (tmp_path / "tables" / f"{name}.{ext}").is_file()
+    points = pd.read_csv(tmp_path / "tables" / "binary_operating_points.csv").set_index(
+        ["row", "operating point"])
+    op = json.loads((cells / "resnet50-ce" / "operating_point.json").read_text())
+    fitted = points.loc[("resnet50-ce", "fitted on test (optimistic, as in the study)")]
+    lo, hi = op["bootstrap"]["specificity"]
+    assert fitted["specificity [95% CI]"] == f"{op['specificity']:.3f} [{lo:.3f}, {hi:.3f}]"
+    held = points.loc[("resnet50-ce", "held out (threshold chosen on validation, applied to test)")]
+    h = op["held_out"]
+    assert held["sensitivity [95% CI]"].startswith(f"{h['sensitivity']:.3f} [")
+    assert points.loc[("other-ce", "held out (threshold chosen on validation, applied to test)"),
+                      "sensitivity [95% CI]"] == "–"
+    assert "no validation predictions" in page  # said, not estimated
+    assert "resnet50-ce (published)" in page and "0.982 ± 0.013" in page
+    assert "± Wald" in page and "bootstrap over patients" in page
+    sweep = pd.read_csv(tmp_path / "tables" / "binary_sweep.csv")
+    assert len(sweep) == 2 * 4 + 1  # two cells x four thresholds + the published row
+    assert set(figs) == {f"binary_{k}_{c}.png" for k in ("roc", "histogram")
+                         for c in ("resnet50-ce", "other-ce")}
+    assert all((tmp_path / "figures" / f).is_file() for f in figs)
+
+
+def test_report_section_names_folds_whose_validation_is_too_small(tmp_path):
+    from pipeline.report import binary_sections
+
+    test, val = _tables()
+    small = val[(val.fold != 1) | (val.index % 9 == 0)]
+    cfg = {**CFG, "target_sensitivity": 0.973}
+    evaluate_cell(test, ["covid", "non_covid"], "covid", cfg, tmp_path / "b" / "c-ce", val=small)
+    sections, _ = binary_sections(tmp_path / "b", ["c-ce"], {}, "prov", tmp_path / "t", tmp_path / "f")
+    page = "\n".join(sections)
+    assert "c-ce, held out, fold" in page and "needed to resolve 0.973" in page

@@ -96,6 +96,12 @@ def test_committed_pneumoniamnist_gpu_report_regenerates_from_its_archive(tmp_pa
         json.loads((committed / "metrics.json").read_text())
     assert json.loads((dest / "binary_metrics.json").read_text()) == \
         json.loads((committed / "binary_metrics.json").read_text())
+    # the archive has no validation scores: the held-out point is said to be unavailable
+    page = (dest / "README.md").read_text()
+    assert "fitted on test (optimistic, as in the study)" in page
+    assert "The archive has no validation predictions" in page
+    points = pd.read_csv(dest / "tables" / "binary_operating_points.csv")
+    assert points["threshold"].tolist()[1] == "not available"
     table = pd.read_csv(dest / "tables" / "table7_accuracy.csv")
     published = {28: (0.854, 0.944), 224: (0.864, 0.956)}[size]
     assert tuple(table[["published acc.", "published AUC"]].iloc[0]) == published

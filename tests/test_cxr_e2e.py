@@ -7,6 +7,7 @@ report."""
 from __future__ import annotations
 
 import json
+import re
 import sys
 from pathlib import Path
 
@@ -67,7 +68,7 @@ def test_new_user_runs_study_001_on_their_folder(tmp_path):
                  "train.batch_size=8", "models.resnet50.pretrained=none",
                  "models.resnet50.freeze.policy=all", "export.formats=[onnx]",
                  "benchmark.formats=[onnx]", "benchmark.runs=5", "benchmark.warmup=1",
-                 "binary.tsne=false", "evaluate.bootstrap=50"]
+                 "binary.bootstrap=200", "evaluate.bootstrap=50"]  # the experiment's t-SNE stays on
     exp_run(proj, "study001", overrides)
 
     manifest = (proj / "data/frames/manifest.csv").read_text()
@@ -81,6 +82,31 @@ def test_new_user_runs_study_001_on_their_folder(tmp_path):
     assert (proj / "reports/binary/resnet50-ce/histogram.png").is_file()
     page = (proj / "reports/README.md").read_text()
     assert "resnet50-ce" in page and "Table VII " in page
+    # the two-class section: sweep, both operating points with patient-level intervals, figures
+    for k in range(3):  # the train stage kept each fold's validation scores
+        assert (proj / f"models/resnet50-ce/fold_{k}/val_predictions.csv").is_file()
+    assert "Two-class threshold sweep" in page and "Two-class figures per fold" in page
+    assert "fitted on test (optimistic, as in the study)" in page
+    assert "held out (threshold chosen on validation, applied to test)" in page
+    assert "bootstrap over patients" in page and "± Wald" in page
+    for name in ("binary_sweep", "binary_operating_points", "binary_folds"):
+        for ext in ("md", "tex", "csv"):
+            assert (proj / f"reports/tables/{name}.{ext}").is_file()
+    import pandas as pd
+
+    points = pd.read_csv(proj / "reports/tables/binary_operating_points.csv").set_index("row")
+    ours = points.loc["resnet50-ce"]
+    assert len(ours) == 2 and ours["sensitivity [95% CI]"].str.contains(r"\[").iloc[0]
+    assert points.loc["resnet50-ce (published)", "specificity ± Wald"] == "0.982 ± 0.013"
+    held = pd.read_csv(proj / "reports/binary/resnet50-ce/held_out_thresholds.csv")
+    assert held["n_val"].gt(0).all()  # chosen on validation rows, which every fold has
+    if binary["resnet50-ce"]["held_out_point"].get("available", True):
+        assert ours["sensitivity [95% CI]"].str.contains(r"\[").all()
+    else:  # no fold's validation holds a positive: the page says so instead of a number
+        assert "no validation positive" in page
+    linked = re.findall(r"\]\(figures/(binary_[^)]+)\)", page)
+    assert {f"binary_{k}_resnet50-ce.png" for k in ("roc", "histogram", "tsne")} <= set(linked)
+    assert all((proj / "reports/figures" / f).is_file() for f in linked)
     shown = json.loads(run(["dvc", "exp", "show", "--json"], proj))
     names = {r.get("name") for e in shown for x in (e.get("experiments") or []) for r in x.get("revs", [])}
     assert "study001" in names
