@@ -74,10 +74,26 @@ def ci_text(boot: Mapping, key: str) -> str:
     return f"{fmt(boot['point'][key])} [{fmt(boot['low'][key])}, {fmt(boot['high'][key])}]"
 
 
+def split_notes(folds_dir: Path) -> list[str]:
+    """What the split summary says of linked patients (duplicate linking before splitting)."""
+    summary_path = folds_dir / "summary.json"
+    link = json.loads(summary_path.read_text()).get("link_duplicates") if summary_path.is_file() else None
+    if not link:
+        return ["Patients were split by their own ids (this split predates duplicate linking)."]
+    if link["method"] == "off":
+        return ["Duplicate linking was off (folds.link_duplicates.method=off): patients were "
+                "split by their own ids."]
+    return [f"Duplicate linking ({link['method']}"
+            + (f", pHash distance <= {link['threshold']}" if link["method"] == "perceptual" else "")
+            + f"): {link['linked_patients']} patient ids joined into {link['linked_groups']} "
+            f"split group(s), listed with their evidence in `{folds_dir}/links.json`."]
+
+
 def build_tables(params: Mapping, evaluation: Mapping, runs: Mapping[str, dict],
                  folds_table: pd.DataFrame, published: Mapping, benchmarks: Mapping[str, dict],
                  parity: Mapping[str, dict], out_dir: Path) -> list[str]:
     """All tables; returns their Markdown sections in the study's order."""
+    folds_dir = Path(get(params, "folds.dir"))
     classes = evaluation["classes"]
     prov = provenance(params, runs)
     leak = ["Validation used the TEST fold (the study's notebooks' protocol): these numbers leak."
@@ -86,7 +102,13 @@ def build_tables(params: Mapping, evaluation: Mapping, runs: Mapping[str, dict],
     sections = []
     sections.append(write_table(folds_table, out_dir, "table1_folds",
                                 "Table I — frames (videos, patients) per class in each test fold",
-                                prov))
+                                prov, split_notes(folds_dir)))
+    val_path = folds_dir / "val_table.csv"
+    if val_path.is_file():
+        sections.append(write_table(
+            pd.read_csv(val_path), out_dir, "table1_validation",
+            "Validation — frames (videos, patients) per class in each fold's validation set, "
+            "with each class's share of validation and of training frames", prov))
     rows = []
     for model in dict.fromkeys(r["model"] for r in runs.values()):
         r = next(r for r in runs.values() if r["model"] == model)

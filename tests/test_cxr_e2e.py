@@ -7,6 +7,7 @@ report."""
 from __future__ import annotations
 
 import json
+import shutil
 import re
 import sys
 from pathlib import Path
@@ -15,6 +16,7 @@ import cv2
 import numpy as np
 import pytest
 
+from tests.conftest import natural_image
 from tests.test_pipeline_e2e import copy_project, run
 
 pytestmark = pytest.mark.slow
@@ -28,7 +30,7 @@ def write_cxr_folder(folder: Path, n_patients: int = 12, seed: int = 0) -> None:
     for p in range(n_patients):
         covid = p % 3 == 0  # the minority class, as in the study
         for k in range(int(rng.integers(2, 4))):
-            base = rng.integers(40, 120, (48, 40)).astype(np.uint8) + (80 if covid else 0)
+            base = natural_image(rng, 48, 40) // 2 + (100 if covid else 20)
             ext = ".png" if k % 2 else ".jpg"
             img = base if k == 0 else cv2.cvtColor(base, cv2.COLOR_GRAY2BGR)
             if k == 2 and ext == ".png":
@@ -37,6 +39,12 @@ def write_cxr_folder(folder: Path, n_patients: int = 12, seed: int = 0) -> None:
             cv2.imwrite(str(folder / "images" / name), img)
             lines.append(f"{name},{'covid' if covid else 'non_covid'},P{p},"
                          f"{'covid' if covid else ('normal' if p % 2 else 'other')}")
+    # As in public collections: one image filed again under another patient id, byte for byte
+    # (P1 as P20) and re-encoded at another size (P2 as P21).
+    shutil.copyfile(folder / "images" / "p1_0.jpg", folder / "images" / "p20_0.jpg")
+    img = cv2.imread(str(folder / "images" / "p2_0.jpg"), cv2.IMREAD_GRAYSCALE)
+    cv2.imwrite(str(folder / "images" / "p21_0.png"), cv2.resize(img, (36, 44)))
+    lines += ["p20_0.jpg,non_covid,P20,normal", "p21_0.png,non_covid,P21,normal"]
     (folder / "metadata.csv").write_text("\n".join(lines) + "\n")
 
 
@@ -75,6 +83,11 @@ def test_new_user_runs_study_001_on_their_folder(tmp_path):
     assert manifest.count("\n") - 1 == len((data / "metadata.csv").read_text().splitlines()) - 1
     splits = (proj / "data/folds/splits.csv").read_text()
     assert "test" in splits
+    # the copies under other ids were linked, so the audit passed with no hand edit
+    links = json.loads((proj / "data/folds/links.json").read_text())
+    assert sorted(sorted(g["patients"]) for g in links) == [["meta:P1", "meta:P20"],
+                                                            ["meta:P2", "meta:P21"]]
+    assert json.loads((proj / "reports/audit.json").read_text())["ok"]
     binary = json.loads((proj / "reports/binary_metrics.json").read_text())
     op = binary["resnet50-ce"]["operating_point"]
     assert op["sensitivity"] >= 0.973  # the highest threshold that reaches the target

@@ -119,9 +119,12 @@ def test_dvc_repro_produces_every_output(project):
     metrics = json.loads((project / "reports/metrics.json").read_text())
     assert set(metrics) == {"mini_covidnet-ce", "mini_covidnet-focal"}
     page = (project / "reports/README.md").read_text()
-    for table in ("Table I ", "Table II ", "Table IV ", "Table V ", "Table VI ", "Table VII ",
-                  "Table VIII "):
+    for table in ("Table I ", "Validation ", "Table II ", "Table IV ", "Table V ", "Table VI ",
+                  "Table VII ", "Table VIII "):
         assert table in page, table
+    assert "Duplicate linking (perceptual, pHash distance <= 12)" in page
+    audit = json.loads((project / "reports/audit.json").read_text())
+    assert audit["ok"] and audit["checked"]["link_method"] == "perceptual"
     assert (project / "reports/tables/table7_accuracy.tex").is_file()
     # every fold model exported to every format, each file checked against PyTorch
     for cell in ("mini_covidnet-ce", "mini_covidnet-focal"):
