@@ -435,6 +435,13 @@ def _decode_all(items: Sequence[InputFile], args: tuple, workers: int, timeout_s
     return results  # type: ignore[return-value]
 
 
+def _frameless_row(item: InputFile, status: str, reason: str) -> dict:
+    """The manifest row of an input that gave no frame (excluded or skipped, with the reason)."""
+    return {"frame": "", "source": item.source, "class": item.cls, "label": item.label,
+            "probe": item.probe, "kind": item.kind, "patient": item.patient, "frame_index": "",
+            "time_s": "", "fps": "", "width": "", "height": "", "status": status, "reason": reason}
+
+
 def extract(raw_dir: Path, out_dir: Path, ds: Mapping, *, workers: int = 1,
             strict: bool = True, decode: Callable[..., Result] = process_file) -> pd.DataFrame:
     """Run the extraction over ``raw_dir`` and return the manifest (also for excluded files).
@@ -476,11 +483,8 @@ def extract(raw_dir: Path, out_dir: Path, ds: Mapping, *, workers: int = 1,
             status = "skipped" if item.kind.startswith("unlabelled:") else "excluded"
             if status == "skipped":
                 problems.append(f"{item.source}: {item.excluded}")
-            rows.append({"frame": "", "source": item.source, "class": item.cls or "",
-                         "label": -1 if status == "excluded" else item.label,
-                         "probe": item.probe, "kind": kind, "patient": item.patient,
-                         "frame_index": "", "time_s": "", "fps": "", "width": "", "height": "",
-                         "status": status, "reason": item.excluded})
+            rows.append({**_frameless_row(item, status, item.excluded), "class": item.cls or "",
+                         "label": -1 if status == "excluded" else item.label, "kind": kind})
     args = (str(raw_dir), str(out_dir), float(ds["rate_hz"]), int(ds["max_frames"]),
             ds.get("frame_max_side"), ds.get("min_side"))
     timeout_s = ds.get("decode_timeout_s", DEFAULT_DECODE_TIMEOUT_S)
@@ -488,18 +492,10 @@ def extract(raw_dir: Path, out_dir: Path, ds: Mapping, *, workers: int = 1,
     results = _decode_all(selected, args, workers, timeout_s, decode)
     implausible = []
     for item, res in zip(selected, results):
-        if res.excluded:
-            implausible.append(f"{item.source}: {res.excluded}")
-            rows.append({"frame": "", "source": item.source, "class": item.cls, "label": item.label,
-                         "probe": item.probe, "kind": item.kind, "patient": item.patient,
-                         "frame_index": "", "time_s": "", "fps": "", "width": "", "height": "",
-                         "status": "excluded", "reason": res.excluded})
-        elif res.error:
-            problems.append(f"{item.source}: {res.error}")
-            rows.append({"frame": "", "source": item.source, "class": item.cls, "label": item.label,
-                         "probe": item.probe, "kind": item.kind, "patient": item.patient,
-                         "frame_index": "", "time_s": "", "fps": "", "width": "", "height": "",
-                         "status": "skipped", "reason": res.error})
+        if res.excluded or res.error:
+            status, reason = ("excluded", res.excluded) if res.excluded else ("skipped", res.error)
+            (implausible if res.excluded else problems).append(f"{item.source}: {reason}")
+            rows.append(_frameless_row(item, status, reason))
         rows.extend(res.rows)
     if implausible:
         log.warning("excluded %d implausible input(s) (recorded in the manifest):\n  %s",
