@@ -25,7 +25,7 @@ pytestmark = pytest.mark.slow
 CELLS = ["mini_covidnet-ce", "mini_covidnet-focal"]
 FOLDS = [0, 1]
 OBJECT_STORE_BYTES = 80 * 1024**2  # the minimum Ray accepts; the tasks pass only small records
-FOLD_FILES = {"best.pt", "history.csv", "test_predictions.csv", "metrics.json"}
+FOLD_FILES = {"best.pt", "history.csv", "test_predictions.csv", "val_predictions.csv", "metrics.json"}
 
 
 @pytest.fixture(scope="module")

@@ -130,7 +130,8 @@ def test_dvc_repro_produces_every_output(project):
     for cell in ("mini_covidnet-ce", "mini_covidnet-focal"):
         parity = json.loads((project / "exports" / cell / "parity.json").read_text())
         assert parity["passed"] and parity["n_files"] == 5 + 1  # fold 0: every format; fold 1: ONNX
-        assert (project / "exports" / cell / "fold_1" / "model_int8_full.tflite").is_file()
+        assert (project / "exports" / cell / "fold_0" / "model_int8_full.tflite").is_file()
+        assert (project / "exports" / cell / "fold_1" / "model.onnx").is_file()
     bench = json.loads((project / "reports/benchmark/mini_covidnet.json").read_text())
     assert {r["format"] for r in bench["records"]} >= {"torch_eager", "onnx", "tflite_fp32"}
     assert "Table IX " in page and "Export parity" in page
