@@ -247,18 +247,19 @@ def input_problem(path: str | Path) -> str:
     return ""
 
 
-def check_inputs(paths: Sequence[str | Path]) -> None:
-    """Fail early, before any model loads, on paths that cannot be inputs.
+def check_inputs(paths: Sequence[str | Path]) -> list[dict[str, str]]:
+    """The paths that cannot be inputs, as ``[{"file", "error"}]``, found before any model loads.
 
     Raises:
-        PredictError: No path, a missing path, a folder, or an unsupported extension.
+        PredictError: No path given, or none of them usable (nothing to predict).
     """
     if not paths:
         raise PredictError("no input given: pass one or more video or image files")
-    for p in paths:
-        problem = input_problem(p)
-        if problem:
-            raise PredictError(problem)
+    problems = {str(p): input_problem(p) for p in paths}
+    errors = [{"file": f, "error": e} for f, e in problems.items() if e]
+    if len(errors) == len(problems):
+        raise PredictError("; ".join(e["error"] for e in errors))
+    return errors
 
 
 def extract_input_frames(path: str | Path, image_size: int, rate_hz: float, max_frames: int,
@@ -374,11 +375,7 @@ def predict_files(paths: Sequence[str | Path], run_dir: str | Path, backend: str
             raise PredictError(f"{name}={value!r}: use one of {', '.join(COMBINE_CHOICES)}")
     if not (rate_hz > 0 and math.isfinite(rate_hz)) or int(max_frames) < 1:
         raise PredictError(f"rate_hz must be > 0 and max_frames >= 1; got {rate_hz}, {max_frames}")
-    if not paths:
-        raise PredictError("no input given: pass one or more video or image files")
-    errors = [{"file": str(p), "error": input_problem(p)} for p in paths if input_problem(p)]
-    if len(errors) == len(paths):  # nothing to predict: no need to load the models
-        raise PredictError("; ".join(e["error"] for e in errors))
+    errors = check_inputs(paths)
     fns, info = load_fold_models(run_dir, backend, onnx_dir)
     classes = info["classes"]
     videos = []

@@ -123,6 +123,17 @@ def evaluate_loss(model, loss_fn, images, labels, device, batch_size, amp, chann
     return loss, acc, logits
 
 
+def prediction_table(part: pd.DataFrame, fold: int, probs: np.ndarray,
+                     classes: Sequence[str]) -> pd.DataFrame:
+    """One row per frame of ``part``: its ids, true and predicted class, class probabilities."""
+    preds = pd.DataFrame({"frame": part["frame"].to_numpy(), "source": part["source"].to_numpy(),
+                          "patient": part["patient"].astype(str).to_numpy(), "fold": fold,
+                          "y_true": part["label"].to_numpy(), "y_pred": probs.argmax(1)})
+    for i, c in enumerate(classes):
+        preds[f"prob_{c}"] = probs[:, i]
+    return preds
+
+
 def train_fold(params: Mapping, model_name: str, loss_name: str, fold: int, store: FrameStore,
                splits: pd.DataFrame, out_dir: Path, tracker: Tracker) -> pd.DataFrame:
     """Train one fold; write its checkpoint, history and test predictions; return the latter."""
@@ -267,22 +278,20 @@ def train_fold(params: Mapping, model_name: str, loss_name: str, fold: int, stor
         pd.DataFrame(state["history"]).to_csv(fold_dir / "history.csv", index=False)
 
         # Validation predictions of the restored weights too: binary_eval picks its held-out
-        # operating threshold on them. The loop ends on test: probs and preds are the test set's.
-        for split in ("val", "test"):
-            logits = predict_logits(model, images[split], device, eval_bs, amp, channels_last)
-            probs = torch.softmax(logits, 1).numpy()
-            part = parts[split]
-            preds = pd.DataFrame({"frame": part["frame"].to_numpy(), "source": part["source"].to_numpy(),
-                                  "patient": part["patient"].astype(str).to_numpy(), "fold": fold,
-                                  "y_true": part["label"].to_numpy(), "y_pred": probs.argmax(1)})
-            for i, c in enumerate(classes):
-                preds[f"prob_{c}"] = probs[:, i]
-            preds.to_csv(fold_dir / f"{split}_predictions.csv", index=False)
+        # operating threshold on them.
+        probs = {split: torch.softmax(predict_logits(model, images[split], device, eval_bs, amp,
+                                                     channels_last), 1).numpy()
+                 for split in ("val", "test")}
+        tables = {split: prediction_table(parts[split], fold, p, classes)
+                  for split, p in probs.items()}
+        for split, table in tables.items():
+            table.to_csv(fold_dir / f"{split}_predictions.csv", index=False)
+        preds = tables["test"]
 
         from pipeline.metrics import classification_metrics, metrics_to_flat
 
         m = classification_metrics(preds["y_true"].to_numpy(), preds["y_pred"].to_numpy(),
-                                   probs, classes)
+                                   probs["test"], classes)
         fold_record = {"fold": fold, "best_epoch": state["best_epoch"],
                        "epochs_run": len(state["history"]), "train_seconds": state["train_seconds"],
                        "precision": {"amp_bf16": amp, "channels_last": channels_last},
