@@ -368,6 +368,68 @@ def _markdown(pooled: pd.DataFrame, by_fold: pd.DataFrame, points: pd.DataFrame,
             f"Operating points:\n\n{ops.to_markdown(index=False, disable_numparse=True)}\n")
 
 
+def _bootstrap(preds: pd.DataFrame, classes: Sequence[str], pos_idx: int, col: str,
+               held: pd.DataFrame, fitted: float, cfg: Mapping, seed: int) -> dict:
+    """Patient-bootstrap intervals of every figure at each sweep threshold, the test-fitted
+    threshold and (when every fold has one) each fold's held-out threshold, and of the AUC."""
+    table = preds.assign(held_out_threshold=preds["fold"].map(held.set_index("fold")["threshold"]))
+    rules: dict[str, float | str] = {_rule_name(t): float(t) for t in cfg["thresholds"]}
+    rules["fitted"] = fitted
+    if held["threshold"].notna().all():
+        rules["held_out"] = "held_out_threshold"
+    return patient_bootstrap(table, BinaryFigures(pos_idx, col, rules), classes,
+                             n_boot=int(cfg["bootstrap"]), seed=seed, ci=float(cfg["ci"]))
+
+
+def _held_out_point(held: pd.DataFrame, folds: np.ndarray, y: np.ndarray, s: np.ndarray,
+                    target: float, z: float, boot: Mapping) -> dict:
+    """The held-out point: pooled counts at each fold's own threshold, its figures with
+    bootstrap and Wald intervals, and the folds' notes; ``available`` False without one
+    threshold per fold."""
+    point: dict = {"label": HELD_OUT_LABEL, "available": bool(held["threshold"].notna().all()),
+                   "target_sensitivity": target, "per_fold": held.to_dict("records")}
+    if not point["available"]:
+        point["notes"] = sorted({n for n in held["note"] if n}) or ["no held-out threshold"]
+        return point
+    c = {k: 0 for k in ("tp", "fp", "tn", "fn")}
+    for r in held.itertuples():
+        m = folds == r.fold
+        part = confusion_at(y[m], s[m], r.threshold, z)
+        for k in c:
+            c[k] += part[k]
+    n_pos, n_neg = c["tp"] + c["fn"], c["tn"] + c["fp"]
+    sens, spec = _ratio(c["tp"], n_pos), _ratio(c["tn"], n_neg)
+    point.update(c, thresholds=held["threshold"].tolist(),
+                 **{f: boot["point"][f"held_out.{f}"] for f in BINARY_FIGURES},
+                 sensitivity_ci=wald_ci(sens, n_pos, z).half_width,
+                 specificity_ci=wald_ci(spec, n_neg, z).half_width,
+                 accuracy_ci=wald_ci(boot["point"]["held_out.accuracy"], len(y), z).half_width,
+                 bootstrap={f: _interval(boot, f"held_out.{f}") for f in BINARY_FIGURES},
+                 notes=[n for n in held["note"] if n])
+    return point
+
+
+def _points_table(op: Mapping, held_point: Mapping, held: pd.DataFrame) -> pd.DataFrame:
+    """One row per operating point (test-fitted, held out): threshold, figures with their
+    bootstrap bounds and Wald half-widths, counts; an unavailable point's row says why."""
+    held_ok = held_point["available"]
+    rows = []
+    for label, pt, shown_thr in ((FITTED_LABEL, op, op["threshold"]),
+                                 (HELD_OUT_LABEL, held_point if held_ok else None,
+                                  ", ".join(f"{t:.4f}" for t in held["threshold"]) if held_ok
+                                  else "not available")):
+        row = {"point": label, "threshold_shown": shown_thr}
+        for f in BINARY_FIGURES:
+            lo, hi = pt["bootstrap"][f] if pt else (math.nan, math.nan)
+            row.update({f: pt[f] if pt else math.nan, f"{f}_low": lo, f"{f}_high": hi})
+        for f in ("sensitivity", "specificity", "accuracy"):
+            row[f"{f}_wald"] = pt[f"{f}_ci"] if pt else math.nan
+        row.update({k: pt[k] if pt else math.nan for k in ("tp", "fp", "tn", "fn")})
+        row["note"] = "" if pt else "; ".join(held_point["notes"])
+        rows.append(row)
+    return pd.DataFrame(rows)
+
+
 def evaluate_cell(preds: pd.DataFrame, classes: Sequence[str], positive: str, cfg: Mapping,
                   out_dir: Path, subgroups: pd.Series | None = None,
                   val: pd.DataFrame | None = None, seed: int = 0) -> dict:
@@ -391,41 +453,15 @@ def evaluate_cell(preds: pd.DataFrame, classes: Sequence[str], positive: str, cf
 
     held = held_out_thresholds(val, preds, pos_idx, col, target, z)
     held.to_csv(out_dir / "held_out_thresholds.csv", index=False)
-    held_ok = bool(held["threshold"].notna().all())
-    table = preds.assign(held_out_threshold=preds["fold"].map(held.set_index("fold")["threshold"]))
-    rules: dict[str, float | str] = {_rule_name(t): float(t) for t in cfg["thresholds"]}
-    rules["fitted"] = op["threshold"]
-    if held_ok:
-        rules["held_out"] = "held_out_threshold"
-    boot = patient_bootstrap(table, BinaryFigures(pos_idx, col, rules), classes,
-                             n_boot=int(cfg["bootstrap"]), seed=seed, ci=float(cfg["ci"]))
+    boot = _bootstrap(preds, classes, pos_idx, col, held, op["threshold"], cfg, seed)
     for c in BINARY_FIGURES:
         keys = [f"{_rule_name(t)}.{c}" for t in cfg["thresholds"]]
         pooled[f"{c}_low"] = [boot["low"][k] for k in keys]
         pooled[f"{c}_high"] = [boot["high"][k] for k in keys]
     pooled.to_csv(out_dir / "sweep.csv", index=False)
 
-    held_point: dict = {"label": HELD_OUT_LABEL, "available": held_ok,
-                        "target_sensitivity": target, "per_fold": held.to_dict("records")}
-    if held_ok:
-        # the pooled counts at each fold's own threshold
-        c = {k: 0 for k in ("tp", "fp", "tn", "fn")}
-        for r in held.itertuples():
-            m = preds["fold"].to_numpy() == r.fold
-            part = confusion_at(y[m], s[m], r.threshold, z)
-            for k in c:
-                c[k] += part[k]
-        n_pos, n_neg = c["tp"] + c["fn"], c["tn"] + c["fp"]
-        sens, spec = _ratio(c["tp"], n_pos), _ratio(c["tn"], n_neg)
-        held_point.update(c, thresholds=held["threshold"].tolist(),
-                          **{f: boot["point"][f"held_out.{f}"] for f in BINARY_FIGURES},
-                          sensitivity_ci=wald_ci(sens, n_pos, z).half_width,
-                          specificity_ci=wald_ci(spec, n_neg, z).half_width,
-                          accuracy_ci=wald_ci(boot["point"]["held_out.accuracy"], len(y), z).half_width,
-                          bootstrap={f: _interval(boot, f"held_out.{f}") for f in BINARY_FIGURES},
-                          notes=[n for n in held["note"] if n])
-    else:
-        held_point["notes"] = sorted({n for n in held["note"] if n}) or ["no held-out threshold"]
+    held_point = _held_out_point(held, preds["fold"].to_numpy(), y, s, target, z, boot)
+    held_ok = held_point["available"]
     op["label"] = FITTED_LABEL
     op["bootstrap"] = {f: _interval(boot, f"fitted.{f}") for f in BINARY_FIGURES}
     op["auc"] = auc
@@ -434,22 +470,7 @@ def evaluate_cell(preds: pd.DataFrame, classes: Sequence[str], positive: str, cf
     op["bootstrap_seed"] = seed
     op["held_out"] = held_point
     (out_dir / "operating_point.json").write_text(json.dumps(op, indent=2) + "\n")
-
-    rows = []
-    for label, pt, shown_thr in ((FITTED_LABEL, op, op["threshold"]),
-                                 (HELD_OUT_LABEL, held_point if held_ok else None,
-                                  ", ".join(f"{t:.4f}" for t in held["threshold"]) if held_ok
-                                  else "not available")):
-        row = {"point": label, "threshold_shown": shown_thr}
-        for f in BINARY_FIGURES:
-            lo, hi = pt["bootstrap"][f] if pt else (math.nan, math.nan)
-            row.update({f: pt[f] if pt else math.nan, f"{f}_low": lo, f"{f}_high": hi})
-        for f in ("sensitivity", "specificity", "accuracy"):
-            row[f"{f}_wald"] = pt[f"{f}_ci"] if pt else math.nan
-        row.update({k: pt[k] if pt else math.nan for k in ("tp", "fp", "tn", "fn")})
-        row["note"] = "" if pt else "; ".join(held_point["notes"])
-        rows.append(row)
-    points = pd.DataFrame(rows)
+    points = _points_table(op, held_point, held)
     points.to_csv(out_dir / "operating_points.csv", index=False)
     (out_dir / "sweep.md").write_text(_markdown(pooled, by_fold, points, out_dir.name, positive, boot))
 

@@ -11,7 +11,7 @@ import hashlib
 import json
 import logging
 import sys
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 
 import matplotlib
@@ -236,6 +236,106 @@ BINARY_SHOWN = (("sensitivity", "sensitivity"), ("specificity", "specificity"),
                 ("accuracy", "accuracy"), ("precision", "precision"), ("f1", "F1"))
 
 
+def _measured(value: Callable[[str], float], wald: Sequence[str], wald_suffix: str) -> dict:
+    """Columns of measured figures: ``<figure> [95% CI]`` from ``<key>``, ``<key>_low`` and
+    ``<key>_high``, then ``<key> ± Wald`` from ``<key><wald_suffix>``."""
+    row = {f"{name} [95% CI]": _ci(value(key), value(f"{key}_low"), value(f"{key}_high"))
+           for key, name in BINARY_SHOWN}
+    row.update({f"{key} ± Wald": _wald(value(key), value(f"{key}{wald_suffix}")) for key in wald})
+    return row
+
+
+def _published(values: Mapping, wald: Sequence[str]) -> dict:
+    """The same columns for published figures (no bootstrap; Wald from ``<key>_wald``)."""
+    row = {f"{name} [95% CI]": fmt(values[key]) if key in values else "–"
+           for key, name in BINARY_SHOWN}
+    row.update({f"{key} ± Wald": _wald(values.get(key), values.get(f"{key}_wald")) for key in wald})
+    return row
+
+
+def _sweep_rows(cell: str, sweep: pd.DataFrame, published: Mapping) -> list[dict]:
+    """The pooled sweep of a cell, then its published sweep rows."""
+    wald = ("sensitivity", "specificity", "accuracy")
+    rows = [{"row": cell, "threshold": f"{r.threshold:.2f}",
+             **_measured(lambda k, r=r: getattr(r, k), wald, "_ci")} for r in sweep.itertuples()]
+    rows += [{"row": f"{cell} (published)", "threshold": f"{float(thr):.2f}",
+              **_published(vals, wald)} for thr, vals in (published.get("sweep") or {}).items()]
+    return rows
+
+
+def _point_rows(cell: str, d: Path, op: Mapping, published: Mapping) -> tuple[list[dict], list[str]]:
+    """Both operating points of a cell (``operating_points.csv``), its published point, and the
+    points' notes."""
+    wald = ("sensitivity", "specificity")
+    auc_text = _ci(op.get("auc", np.nan), *op.get("auc_bootstrap", (np.nan, np.nan)))
+    rows, notes = [], []
+    path = d / "operating_points.csv"
+    points = pd.read_csv(path, keep_default_na=False, na_values=[""]) if path.is_file() else None
+    for r in points.itertuples() if points is not None else ():
+        try:
+            shown_thr = f"{float(r.threshold_shown):.4f}"
+        except ValueError:  # several folds' thresholds, or "not available"
+            shown_thr = str(r.threshold_shown)
+        rows.append({"row": cell, "operating point": r.point, "threshold": shown_thr,
+                     **_measured(lambda k, r=r: getattr(r, k), wald, "_wald"),
+                     "AUC [95% CI]": auc_text})
+        if isinstance(r.note, str) and r.note:
+            notes.append(f"{cell}, {r.point}: {r.note}.")
+    q = published.get("operating_point")
+    if q:
+        rows.append({"row": f"{cell} (published)", "operating point":
+                     f"published: threshold for {fmt(q.get('target_sensitivity'))} sensitivity, "
+                     "fitted on test", "threshold": "–", **_published(q, wald),
+                     "AUC [95% CI]": fmt(published.get("auc"))})
+    return rows, notes
+
+
+def _mean_std(values: pd.Series, n: int) -> str:
+    return _wald(values.mean(), values.std(ddof=1)) if n > 1 else fmt(values.mean())
+
+
+def _fold_rows(cell: str, d: Path) -> tuple[list[dict], list[str]]:
+    """Per-threshold spread over folds, the held-out thresholds' own row, and the folds the
+    held-out point flags."""
+    by_fold = pd.read_csv(d / "sweep_by_fold.csv")
+    n_folds = by_fold["fold"].nunique()
+    figures = ("sensitivity", "specificity", "accuracy")
+    rows = [{"row": cell, "threshold": f"{thr:.2f}", "folds": n_folds,
+             **{f"{k} mean ± std": _mean_std(part[k], n_folds) for k in figures},
+             "threshold range": "–"}
+            for thr, part in by_fold.groupby("threshold")[list(figures)]]
+    held = d / "held_out_thresholds.csv"
+    if not held.is_file():
+        return rows, []
+    h = pd.read_csv(held, dtype={"note": str, "source": str})
+    h["note"] = h["note"].fillna("")
+    ok = h["threshold"].notna()
+    flagged = h[h["note"] != ""].groupby("note")["fold"].apply(list)
+    notes = [f"{cell}, held out, fold{'s' if len(f) > 1 else ''} {', '.join(map(str, f))}: {n}."
+             for n, f in flagged.items() if ok.any()]  # else the point's own row says why
+    if ok.any():
+        rows.append({"row": cell, "threshold": "held out (per fold)", "folds": int(ok.sum()),
+                     **{f"{k} mean ± std": _mean_std(h.loc[ok, f"test_{k}"], int(ok.sum()))
+                        for k in ("sensitivity", "specificity")},
+                     "accuracy mean ± std": "–",
+                     "threshold range": f"{fmt(h.loc[ok, 'threshold'].min(), 4)} – "
+                                        f"{fmt(h.loc[ok, 'threshold'].max(), 4)}"})
+    return rows, notes
+
+
+def _copy_binary_figures(cell: str, d: Path, figures_dir: Path) -> list[str]:
+    """The cell's ROC, histogram and t-SNE that exist, copied under the report's figures."""
+    import shutil
+
+    names = []
+    for kind in ("roc", "histogram", "tsne"):
+        if (d / f"{kind}.png").is_file():
+            figures_dir.mkdir(parents=True, exist_ok=True)
+            names.append(f"binary_{kind}_{cell}.png")
+            shutil.copy(d / f"{kind}.png", figures_dir / names[-1])
+    return names
+
+
 def binary_sections(binary_dir: Path, cells: Sequence[str], published: Mapping, prov: str,
                     tables_dir: Path, figures_dir: Path) -> tuple[list[str], list[str]]:
     """The two-class study's tables and figures from ``binary_eval``'s outputs
@@ -244,107 +344,28 @@ def binary_sections(binary_dir: Path, cells: Sequence[str], published: Mapping, 
     study's Wald intervals; published figures (``published["binary"]``) as rows marked
     published. Figures (ROC with both points, score histograms, t-SNE) are copied to
     ``figures_dir`` when they exist. Returns (Markdown sections, figure file names)."""
-    import shutil
-
     cells = [c for c in cells if (binary_dir / c / "operating_point.json").is_file()]
     if not cells:
         return [], []
-    pub = (published.get("binary") or {})
-    pub_rows = pub.get("rows", {})
+    pub = published.get("binary") or {}
     sweep_rows, point_rows, fold_rows, notes, figs = [], [], [], [], []
-    target = None
     for cell in cells:
         d = binary_dir / cell
-        sweep = pd.read_csv(d / "sweep.csv")
         op = json.loads((d / "operating_point.json").read_text())
-        target = op["target_sensitivity"]
-        points = pd.read_csv(d / "operating_points.csv", keep_default_na=False,
-                             na_values=[""]) if (d / "operating_points.csv").is_file() else None
-        p = pub_rows.get(cell, {})
-        for r in sweep.itertuples():
-            row = {"row": cell, "threshold": f"{r.threshold:.2f}"}
-            for key, name in BINARY_SHOWN:
-                row[f"{name} [95% CI]"] = _ci(getattr(r, key), getattr(r, f"{key}_low"),
-                                              getattr(r, f"{key}_high"))
-            for key in ("sensitivity", "specificity", "accuracy"):
-                row[f"{key} ± Wald"] = _wald(getattr(r, key), getattr(r, f"{key}_ci"))
-            sweep_rows.append(row)
-        for ps in (p.get("sweep") or {}).items():
-            thr, vals = ps
-            row = {"row": f"{cell} (published)", "threshold": f"{float(thr):.2f}"}
-            for key, name in BINARY_SHOWN:
-                row[f"{name} [95% CI]"] = fmt(vals.get(key)) if key in vals else "–"
-            for key in ("sensitivity", "specificity", "accuracy"):
-                row[f"{key} ± Wald"] = _wald(vals.get(key), vals.get(f"{key}_wald"))
-            sweep_rows.append(row)
-        auc_text = _ci(op.get("auc", np.nan), *op.get("auc_bootstrap", (np.nan, np.nan)))
-        if points is not None:
-            for r in points.itertuples():
-                try:
-                    shown_thr = f"{float(r.threshold_shown):.4f}"
-                except ValueError:  # several folds' thresholds, or "not available"
-                    shown_thr = str(r.threshold_shown)
-                row = {"row": cell, "operating point": r.point, "threshold": shown_thr}
-                for key, name in BINARY_SHOWN:
-                    row[f"{name} [95% CI]"] = _ci(getattr(r, key), getattr(r, f"{key}_low"),
-                                                  getattr(r, f"{key}_high"))
-                for key in ("sensitivity", "specificity"):
-                    row[f"{key} ± Wald"] = _wald(getattr(r, key), getattr(r, f"{key}_wald"))
-                row["AUC [95% CI]"] = auc_text
-                point_rows.append(row)
-                if isinstance(r.note, str) and r.note:
-                    notes.append(f"{cell}, {r.point}: {r.note}.")
-        if p.get("operating_point"):
-            q = p["operating_point"]
-            row = {"row": f"{cell} (published)", "operating point":
-                   f"published: threshold for {fmt(q.get('target_sensitivity'))} sensitivity, "
-                   "fitted on test", "threshold": "–"}
-            for key, name in BINARY_SHOWN:
-                row[f"{name} [95% CI]"] = fmt(q[key]) if key in q else "–"
-            for key in ("sensitivity", "specificity"):
-                row[f"{key} ± Wald"] = _wald(q.get(key), q.get(f"{key}_wald"))
-            row["AUC [95% CI]"] = fmt(p.get("auc"))
-            point_rows.append(row)
-        by_fold = pd.read_csv(d / "sweep_by_fold.csv")
-        n_folds = by_fold["fold"].nunique()
-        spread = by_fold.groupby("threshold")[["sensitivity", "specificity", "accuracy"]]
-        for thr, part in spread:
-            fold_rows.append({"row": cell, "threshold": f"{thr:.2f}", "folds": n_folds,
-                              **{f"{k} mean ± std": _wald(part[k].mean(), part[k].std(ddof=1))
-                                 if n_folds > 1 else fmt(part[k].mean())
-                                 for k in ("sensitivity", "specificity", "accuracy")},
-                              "threshold range": "–"})
-        held = d / "held_out_thresholds.csv"
-        if held.is_file():
-            h = pd.read_csv(held, dtype={"note": str, "source": str})
-            h["note"] = h["note"].fillna("")
-            flagged = h[h["note"] != ""].groupby("note")["fold"].apply(list)
-            notes += [f"{cell}, held out, fold{'s' if len(f) > 1 else ''} "
-                      f"{', '.join(map(str, f))}: {n}." for n, f in flagged.items()
-                      if h["threshold"].notna().any()]  # else the point's own row says why
-            ok = h["threshold"].notna()
-            if ok.any():
-                row = {"row": cell, "threshold": "held out (per fold)", "folds": int(ok.sum())}
-                for k in ("sensitivity", "specificity"):
-                    v = h.loc[ok, f"test_{k}"]
-                    row[f"{k} mean ± std"] = (_wald(v.mean(), v.std(ddof=1)) if ok.sum() > 1
-                                             else fmt(v.mean()))
-                row["accuracy mean ± std"] = "–"
-                row["threshold range"] = (f"{fmt(h.loc[ok, 'threshold'].min(), 4)} – "
-                                          f"{fmt(h.loc[ok, 'threshold'].max(), 4)}")
-                fold_rows.append(row)
-        for src, name in (("roc.png", f"binary_roc_{cell}.png"),
-                          ("histogram.png", f"binary_histogram_{cell}.png"),
-                          ("tsne.png", f"binary_tsne_{cell}.png")):
-            if (d / src).is_file():
-                figures_dir.mkdir(parents=True, exist_ok=True)
-                shutil.copy(d / src, figures_dir / name)
-                figs.append(name)
+        p = pub.get("rows", {}).get(cell, {})
+        sweep_rows += _sweep_rows(cell, pd.read_csv(d / "sweep.csv"), p)
+        rows, point_notes = _point_rows(cell, d, op, p)
+        point_rows += rows
+        notes += point_notes
+        rows, fold_notes = _fold_rows(cell, d)
+        fold_rows += rows
+        notes += fold_notes
+        figs += _copy_binary_figures(cell, d, figures_dir)
     src_note = ([f"Rows marked (published): {pub['source']}; the study fitted its threshold on "
                  "its test images and gave Wald intervals over images."] if pub.get("source") else [])
-    boot = json.loads((binary_dir / cells[0] / "operating_point.json").read_text())
-    ci_note = (f"[95% CI]: percentile bootstrap over patients ({boot.get('bootstrap_resamples')} "
-               f"resamples, seed {boot.get('bootstrap_seed')}), as in the three-class tables; "
+    first = json.loads((binary_dir / cells[0] / "operating_point.json").read_text())
+    ci_note = (f"[95% CI]: percentile bootstrap over patients ({first.get('bootstrap_resamples')} "
+               f"resamples, seed {first.get('bootstrap_seed')}), as in the three-class tables; "
                "± Wald: the study's z·sqrt(p(1-p)/N) over images, for comparison with the paper.")
     sections = [write_table(pd.DataFrame(sweep_rows), tables_dir, "binary_sweep",
                             "Two-class threshold sweep (study 001's Table 2 thresholds), pooled "
@@ -352,9 +373,9 @@ def binary_sections(binary_dir: Path, cells: Sequence[str], published: Mapping, 
     if point_rows:
         sections.append(write_table(
             pd.DataFrame(point_rows), tables_dir, "binary_operating_points",
-            f"Two-class operating points at {fmt(target)} sensitivity: fitted on test (the "
-            "study's, optimistic) and held out (each fold's threshold chosen on its validation "
-            "patients, applied to its test patients, pooled)", prov,
+            f"Two-class operating points at {fmt(first['target_sensitivity'])} sensitivity: fitted "
+            "on test (the study's, optimistic) and held out (each fold's threshold chosen on its "
+            "validation patients, applied to its test patients, pooled)", prov,
             [ci_note, *src_note, *notes]))
     sections.append(write_table(pd.DataFrame(fold_rows), tables_dir, "binary_folds",
                                 "Two-class figures per fold (mean ± sample std over folds)", prov,
@@ -509,8 +530,7 @@ def main(argv: Sequence[str] | None = None) -> None:
                             out / "tables")
     binary_figs: list[str] = []
     if get(params, "dataset").get("positive_class"):
-        binary_dir = Path((params.get("binary") or {}).get("dir", "reports/binary"))
-        more, binary_figs = binary_sections(binary_dir, cells, published,
+        more, binary_figs = binary_sections(Path(get(params, "binary.dir")), cells, published,
                                             provenance(params, runs), out / "tables",
                                             out / "figures")
         sections += more
