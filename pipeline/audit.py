@@ -30,8 +30,8 @@ import pandas as pd
 
 from pipeline.cli import run_main
 from pipeline.config import get, load_params
-from pipeline.data import audit_inputs
 from pipeline.duplicates import cross_patient_pairs, frame_hashes
+from pipeline.files import audit_inputs
 
 log = logging.getLogger("pipeline.audit")
 

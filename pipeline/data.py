@@ -24,7 +24,7 @@ import torch.nn.functional as F
 
 from pipeline.cli import UserError
 from pipeline.config import get, load_params
-from pipeline.files import sha256_file
+from pipeline.files import audit_inputs
 
 log = logging.getLogger("pipeline.data")
 
@@ -139,13 +139,6 @@ class FrameStore:
 
 class AuditError(RuntimeError, UserError):
     """The folds have not passed the leakage audit (or changed since they did)."""
-
-
-def audit_inputs(params: Mapping) -> dict[str, str]:
-    """SHA-256 of the two files the audit vouches for: the frame manifest and the splits."""
-    ds, folds = get(params, "dataset"), get(params, "folds")
-    return {"manifest": sha256_file(Path(ds["frames_dir"]) / "manifest.csv"),
-            "splits": sha256_file(Path(folds["dir"]) / "splits.csv")}
 
 
 def audited_splits(params: Mapping) -> pd.DataFrame:
