@@ -111,15 +111,15 @@ def carve_validation(frames: pd.DataFrame, train_groups: Sequence[str], fraction
         quota[max(pools, key=lambda c: len(pools[c]))] = 1
     rng = np.random.default_rng(seed)
     total = class_frames.to_numpy().sum()
-    best: tuple[float, float, set[str]] | None = None
+    best: tuple[float, float, float, set[str]] | None = None  # gap, |frac - fraction|, frac, val
     for _ in range(max(1, int(candidates))):
-        val = {g for c, n in quota.items() for g in rng.choice(pools[c], size=n, replace=False)}
-        frac = class_frames.loc[sorted(val)].to_numpy().sum() / total
-        key = (round(share_gap(class_frames, val), 6), abs(frac - fraction), val)
+        val = {str(g) for c, n in quota.items()
+               for g in rng.choice(pools[c], size=n, replace=False)}
+        frac = float(class_frames.loc[sorted(val)].to_numpy().sum() / total)
+        key = (round(share_gap(class_frames, val), 6), abs(frac - fraction), frac, val)
         if best is None or key[:2] < best[:2]:
             best = key
-    gap, _, val = best
-    frac = float(class_frames.loc[sorted(val)].to_numpy().sum() / total)
+    gap, _, frac, val = best
     return val, {"share_gap": gap, "frame_fraction": round(frac, 4), "candidates": int(candidates)}
 
 
