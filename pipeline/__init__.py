@@ -1,6 +1,14 @@
 """Reproducible experiment pipeline for lightweight medical-image classifiers.
 
-One module per DVC stage (``fetch_data``, ``extract_frames``, ``split_folds``, ``train``,
-``evaluate``, ``export``, ``report``) plus a few shared modules (``config``, ``models``,
-``losses``, ``metrics``, ``tracking``).
+Layers, each importing only from the ones above it in this list (``tests/test_layout.py``):
+
+``core``        errors and CLI entry (``cli``), params (``config``), file digests, MLflow tracking
+``data``        dataset adapters (``sources.ADAPTERS``), frame decoding, duplicate linking, loading
+``models``      the architectures, checkpoints, complexity
+``training``    losses and the optimisation step
+``evaluation``  metrics with intervals, Grad-CAM
+``deploy``      ONNX/TFLite conversion with parity, the runtime runner the benchmark times
+``stages``      one module per ``dvc.yaml`` stage: a thin ``main()`` doing I/O around the library
+commands        ``predict`` (new files with a trained run), ``grid`` (many trainings outside DVC),
+                ``throughput`` (training speed), run as ``python -m pipeline.<command>``
 """

@@ -6,7 +6,7 @@
 Each task trains one fold with the ``train`` stage's own code in a fresh Python process (CUDA
 state, memory and crashes stay in that process), on a GPU of its own when the cluster has GPUs:
 Ray reserves ``--gpus-per-task`` and sets ``CUDA_VISIBLE_DEVICES``. When the folds of a cell are
-done, ``pipeline.train.summarize_cell`` writes ``models/<cell>/predictions.csv`` and
+done, ``pipeline.stages.train.summarize_cell`` writes ``models/<cell>/predictions.csv`` and
 ``metrics.json`` as the DVC stage does, and a ``run.json`` joins the folds' run records, so
 ``dvc commit`` can record the outputs and a later ``dvc repro`` finds them up to date.
 
@@ -37,7 +37,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from pipeline.config import ConfigError, apply_overrides, get, load_params, select_run
+from pipeline.core.config import ConfigError, apply_overrides, get, load_params, select_run
 
 log = logging.getLogger("pipeline.grid")
 
@@ -46,14 +46,14 @@ CODE_ROOT = Path(__file__).resolve().parent.parent
 STAGING_DIR = Path(".cache/grid")
 LOG_TAIL_CHARS = 3000
 
-# One fold with the stage's code (``pipeline.train.run``), written under a private out_root: the
+# One fold with the stage's code (``pipeline.stages.train.run``), written under a private out_root: the
 # folds of one cell finishing at the same time would otherwise race on the cell's
 # predictions.csv / metrics.json / run.json, which the driver writes once all folds are in.
 FOLD_SCRIPT = """\
 import logging, sys
 from pathlib import Path
-from pipeline.config import apply_overrides, load_params
-from pipeline.train import run
+from pipeline.core.config import apply_overrides, load_params
+from pipeline.stages.train import run
 logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
 model, loss, fold, out_root = sys.argv[1:5]
 run(apply_overrides(load_params(), sys.argv[5:]), model, loss, [int(fold)], out_root=Path(out_root))
@@ -108,7 +108,7 @@ def check_overrides(overrides: Sequence[str]) -> None:
     for item in overrides:
         if not item.startswith("tracking."):
             raise ConfigError(f"override '{item}': only tracking.* can be overridden here; put "
-                              f"training parameters into params.yaml (`python -m pipeline.config "
+                              f"training parameters into params.yaml (`python -m pipeline.core.config "
                               f"<overrides> > params.yaml`) so that DVC records what was trained")
 
 
@@ -190,7 +190,7 @@ def cell_run_info(records: Sequence[Mapping], folds: Sequence[int]) -> dict:
 def summarize_cells(project_dir: Path, params: Mapping, cells: Sequence[str]) -> list[str]:
     """Write ``predictions.csv``, ``metrics.json`` and ``run.json`` of every cell whose folds
     (``train.folds``) are all trained; returns the cells that still miss folds."""
-    from pipeline.train import summarize_cell
+    from pipeline.stages.train import summarize_cell
 
     folds = [int(k) for k in get(params, "train.folds")]
     classes = list(get(params, "dataset.classes"))
@@ -221,7 +221,7 @@ def summarize_cells(project_dir: Path, params: Mapping, cells: Sequence[str]) ->
 
 def warm_frame_cache(project_dir: Path, params: Mapping) -> None:
     """Decode the frames once before the tasks start, instead of once per task at the same time."""
-    from pipeline.data import CACHE_DIR, cached_frames, used_frames
+    from pipeline.data.loading import CACHE_DIR, cached_frames, used_frames
 
     frames_dir = project_dir / get(params, "dataset.frames_dir")
     # Same names and size as FrameStore, so the same cache key as the tasks compute.
@@ -345,9 +345,8 @@ def main(argv: Sequence[str] | None = None) -> None:
 
 
 if __name__ == "__main__":
-    from pipeline.cli import run_main
-
     # Through the importable module, so Ray ships its functions by reference, not __main__'s.
     from pipeline import grid
+    from pipeline.core.cli import run_main
 
     run_main(grid.main)

@@ -14,7 +14,7 @@ the frames' ensemble probabilities per video (``aggregate_videos``: mean by defa
 ``--run`` defaults to the first cell of ``params.yaml``'s grid (``grid.models[0]-grid.losses[0]``);
 rate, frame cap and frame size default to ``params.yaml``'s ``dataset`` values. The ONNX backend
 reads ``fold_<k>/model.onnx`` from ``--onnx-dir``, else ``exports/<run>/`` next to the run's
-``models/`` folder, else ``<run>/export/`` (where ``pipeline.export`` writes). Problems the user
+``models/`` folder, else ``<run>/export/`` (where ``pipeline.stages.export`` writes). Problems the user
 can fix (missing file, undecodable input, untrained run, missing export) exit with status 2 and a
 message naming the file and the fix. A file that cannot be used costs only itself: it is reported
 on one ``error:`` line, the other files are still predicted, and the command exits 2 at the end.
@@ -34,8 +34,8 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from pipeline.cli import UserError, error_line, run_main
-from pipeline.extract_frames import IMAGE_EXTS, VIDEO_EXTS, InputFile, process_file
+from pipeline.core.cli import UserError, error_line, run_main
+from pipeline.data.frames import IMAGE_EXTS, VIDEO_EXTS, InputFile, process_file
 
 BACKENDS = ("torch", "onnx")
 COMBINE_CHOICES = ("mean", "vote")
@@ -68,7 +68,7 @@ def find_checkpoints(run_dir: str | Path) -> dict[int, Path]:
     Raises:
         PredictError: The run folder or every checkpoint in it is missing.
     """
-    from pipeline.checkpoint import fold_checkpoints
+    from pipeline.models.checkpoint import fold_checkpoints
 
     try:
         return fold_checkpoints(run_dir)
@@ -104,7 +104,7 @@ def find_onnx(run_dir: str | Path, folds: Sequence[int],
         f"{[k for k in folds if not (root / f'fold_{k}' / ONNX_FILE).is_file()]}"
         for root in candidates)
     raise PredictError(f"missing ONNX files for run {run_dir} (trained folds {list(folds)}): "
-                       f"{looked}. Export the run first (python -m pipeline.export --run-dir "
+                       f"{looked}. Export the run first (python -m pipeline.stages.export --run-dir "
                        f"{run_dir}), pass --onnx-dir, or use --backend torch")
 
 
@@ -120,7 +120,7 @@ def torch_logit_fn(path: str | Path) -> tuple[LogitFn, dict]:
     """A fold checkpoint as a logit function (eval mode, CPU) and its metadata."""
     import torch
 
-    from pipeline.checkpoint import load_model
+    from pipeline.models.checkpoint import load_model
 
     model, ckpt = load_model(path)
 
@@ -146,7 +146,7 @@ def onnx_logit_fn(path: str | Path) -> LogitFn:
                                        providers=["CPUExecutionProvider"])
     except Exception as exc:  # ORT raises its own (non-OSError) classes for unreadable models
         raise PredictError(f"cannot load ONNX file {path}: {exc}. Re-export the run "
-                           f"(python -m pipeline.export) or use --backend torch") from exc
+                           f"(python -m pipeline.stages.export) or use --backend torch") from exc
     inp = session.get_inputs()[0]  # the exporter's input name varies ("input", "x", ...)
     # A model exported with a fixed batch runs in chunks of that size, the last one zero-padded.
     batch = inp.shape[0] if isinstance(inp.shape[0], int) and inp.shape[0] > 0 else None
@@ -185,7 +185,7 @@ def load_fold_models(run_dir: str | Path, backend: str = "torch",
     """
     if backend not in BACKENDS:
         raise PredictError(f"backend {backend!r}: use one of {', '.join(BACKENDS)}")
-    from pipeline.checkpoint import load_checkpoint
+    from pipeline.models.checkpoint import load_checkpoint
 
     checkpoints = find_checkpoints(run_dir)
     fns: dict[int, LogitFn] = {}
@@ -288,7 +288,7 @@ def extract_input_frames(path: str | Path, image_size: int, rate_hz: float, max_
     Raises:
         PredictError: The file cannot be decoded (message names it and what to do).
     """
-    from pipeline.data import decode_frames
+    from pipeline.data.loading import decode_frames
 
     path = Path(path)
     kind = input_kind(path)
@@ -347,9 +347,9 @@ def predict_files(paths: Sequence[str | Path], run_dir: str | Path, backend: str
         run_dir: Trained run, ``models/<model>-<loss>`` with ``fold_<k>/best.pt``.
         backend: ``torch`` or ``onnx``.
         ensemble: How the fold models' probabilities combine per frame: ``mean`` or ``vote``
-            (see :func:`pipeline.metrics.ensemble_probabilities`).
+            (see :func:`pipeline.evaluation.metrics.ensemble_probabilities`).
         video_agg: How a video's frame probabilities combine: ``mean`` or ``vote`` (see
-            :func:`pipeline.metrics.aggregate_videos`).
+            :func:`pipeline.evaluation.metrics.aggregate_videos`).
         rate_hz: Frames kept per second of video.
         max_frames: At most this many frames per video.
         max_side: Longest side of the extracted frame before resizing.
@@ -368,7 +368,7 @@ def predict_files(paths: Sequence[str | Path], run_dir: str | Path, backend: str
         PredictError: A problem of the whole command (options, run, models) or no usable input;
             the message names the file and the fix.
     """
-    from pipeline.metrics import aggregate_videos, ensemble_probabilities
+    from pipeline.evaluation.metrics import aggregate_videos, ensemble_probabilities
 
     for name, value in (("ensemble", ensemble), ("video_agg", video_agg)):
         if value not in COMBINE_CHOICES:
@@ -442,7 +442,7 @@ def format_table(result: Mapping[str, Any]) -> str:
 
 # --------------------------------------------------------------------------- CLI
 def _params(path: str | Path) -> dict:
-    from pipeline.config import load_params
+    from pipeline.core.config import load_params
 
     path = Path(path)
     return load_params(path) if path.is_file() else {}

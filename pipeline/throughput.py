@@ -1,12 +1,12 @@
 """Training throughput: images/s per model through the real data path vs random tensors.
 
 ``python -m pipeline.throughput [--models ...] [--batch-sizes 16 128] [--out reports/throughput]``
-times ``pipeline.train.train_step`` (uint8 frames already on the device, gathered, scaled and
+times ``pipeline.stages.train.train_step`` (uint8 frames already on the device, gathered, scaled and
 augmented there; bf16 autocast and channels-last on CUDA, and on a CPU with ``train.cpu_amp``)
 against the same model fed one pre-made random float batch with no augmentation (the reference
 measurement of REFERENCE.md).
 The ratio says how much the data path costs. ``--cuda-graph both`` times every model with eager
-steps and with the step replayed from a CUDA graph (``train.cuda_graph``, ``pipeline/steps.py``);
+steps and with the step replayed from a CUDA graph (``train.cuda_graph``, ``pipeline/training/steps.py``);
 by default the configuration's setting is used. The optimizer is the train stage's (fused Adam on
 CUDA). Results go to ``<out>.json`` and ``<out>.md`` with the device described.
 """
@@ -16,17 +16,15 @@ from __future__ import annotations
 import argparse
 import json
 import logging
-import platform
-import sys
 import time
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 
 import torch
 
-from pipeline.config import apply_overrides, compose, get, load_params
-from pipeline.steps import CudaGraphStep, make_adam, optimize_step, precision
-from pipeline.train import pick_device, train_step
+from pipeline.core.config import apply_overrides, compose, get, load_params
+from pipeline.stages.train import pick_device, train_step
+from pipeline.training.steps import CudaGraphStep, make_adam, optimize_step, precision
 
 log = logging.getLogger("pipeline.throughput")
 
@@ -41,8 +39,8 @@ def measure(params: Mapping, model_name: str, batch_size: int, source: str, step
     """Images/s of training steps of one model on ``source`` = ``real`` or ``random``; with
     ``cuda_graph`` (CUDA only) the step is captured once and replayed, the capture and its
     warm-up steps outside the timed steps."""
-    from pipeline.losses import build_loss
-    from pipeline.models import build_model
+    from pipeline.models.zoo import build_model
+    from pipeline.training.losses import build_loss
 
     tcfg = get(params, "train")
     device = pick_device(str(tcfg["device"]))
@@ -100,7 +98,7 @@ def measure(params: Mapping, model_name: str, batch_size: int, source: str, step
 
 def device_info() -> dict:
     """The machine, as the latency benchmark describes it, plus torch and the GPU."""
-    from pipeline.edge_runner import device_info as host_info
+    from pipeline.deploy.edge_runner import device_info as host_info
 
     info = {**host_info(), "torch": torch.__version__}
     if torch.cuda.is_available():
@@ -160,7 +158,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     params = apply_overrides(params, args.set)
     models = args.models or list(get(params, "grid.models"))
     size = int(get(params, "train.image_size"))
-    from pipeline.data import FrameStore, interpolation_of, used_frames
+    from pipeline.data.loading import FrameStore, interpolation_of, used_frames
 
     ds = get(params, "dataset")
     frames = used_frames(ds["frames_dir"])
@@ -190,6 +188,6 @@ def main(argv: Sequence[str] | None = None) -> None:
 
 
 if __name__ == "__main__":
-    from pipeline.cli import run_main
+    from pipeline.core.cli import run_main
 
     run_main(main)

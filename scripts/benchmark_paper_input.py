@@ -23,9 +23,9 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from pipeline import benchmark, export  # noqa: E402
-from pipeline.checkpoint import save_checkpoint  # noqa: E402
-from pipeline.config import compose  # noqa: E402
-from pipeline.models import build_model  # noqa: E402
+from pipeline.models.checkpoint import save_checkpoint  # noqa: E402
+from pipeline.core.config import compose  # noqa: E402
+from pipeline.models.zoo import build_model  # noqa: E402
 
 
 def main() -> None:

@@ -40,9 +40,9 @@ from omegaconf import OmegaConf
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from pipeline.config import apply_overrides, compose, resolve_path  # noqa: E402
+from pipeline.core.config import apply_overrides, compose, resolve_path  # noqa: E402
 from pipeline.throughput import precision_kind, rate, step_kind  # noqa: E402
-from pipeline.train import summarize_cell  # noqa: E402
+from pipeline.stages.train import summarize_cell  # noqa: E402
 
 FOLD_FILES = ("test_predictions.csv", "history.csv", "metrics.json")
 FOLD_RE = re.compile(r"models/([^/]+)/fold_(\d+)/([^/]+)$")
@@ -206,7 +206,7 @@ def run_stages(work: Path, stages: list[str], dvc_root: Path = ROOT) -> None:
     against and whose code revision the provenance lines name (this checkout by default)."""
     env = {**os.environ, "PYTHONPATH": str(ROOT), "DVC_ROOT": str(dvc_root)}
     for stage in stages:
-        subprocess.run([sys.executable, "-m", f"pipeline.{stage}"], cwd=work, env=env, check=True)
+        subprocess.run([sys.executable, "-m", f"pipeline.stages.{stage}"], cwd=work, env=env, check=True)
 
 
 def retitle(page: Path, text: str) -> None:

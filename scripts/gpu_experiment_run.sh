@@ -2,7 +2,7 @@
 # One experiment's data stages and training on a GPU machine without DVC/MLflow, in a private
 # copy of the project (so several experiments can run beside each other and beside
 # scripts/gpu_paper_run.sh): compose params, fetch_data -> extract_frames -> split_folds -> audit, then
-# `python -m pipeline.train` for every grid cell, under a deadline. The cells' per-fold outputs
+# `python -m pipeline.stages.train` for every grid cell, under a deadline. The cells' per-fold outputs
 # (history, test predictions, metrics, run.json; no weights), the params and the log land in
 # one file, $OUT/<tag>.tgz (the device tool brings back at most 8 files).
 #
@@ -28,11 +28,11 @@ pack() {
 }
 trap pack EXIT
 {
-  python3 -m pipeline.config "$@" > params.yaml
-  for stage in fetch_data extract_frames split_folds audit; do python3 -m "pipeline.$stage" || exit 1; done
-  CELLS=$(python3 -c 'from pipeline.config import load_params; g=load_params()["grid"]; print(" ".join(f"{m}:{l}" for m in g["models"] for l in g["losses"]))')
+  python3 -m pipeline.core.config "$@" > params.yaml
+  for stage in fetch_data extract_frames split_folds audit; do python3 -m "pipeline.stages.$stage" || exit 1; done
+  CELLS=$(python3 -c 'from pipeline.core.config import load_params; g=load_params()["grid"]; print(" ".join(f"{m}:{l}" for m in g["models"] for l in g["losses"]))')
   for cell in $CELLS; do
-    timeout --signal=TERM "$DEADLINE" python3 -m pipeline.train "model=${cell%%:*}" "loss=${cell##*:}"
+    timeout --signal=TERM "$DEADLINE" python3 -m pipeline.stages.train "model=${cell%%:*}" "loss=${cell##*:}"
     code=$?
     echo "$(date +%s) $TAG $cell exit $code"
   done

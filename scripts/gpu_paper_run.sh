@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # The paper profile (experiment=paper) on one GPU machine without DVC/MLflow installed: the same
-# stage code (python -m pipeline.train ...), one process per (model, loss, fold), several at a
+# stage code (python -m pipeline.stages.train ...), one process per (model, loss, fold), several at a
 # time on the GPU (batch-16 training of these small models is launch-bound, so processes overlap
 # well), in the order of the job list, under a wall-clock deadline. Then the training-throughput
 # benchmark. Each finished fold's outputs are appended to $OUT/results.tar as soon as it ends
@@ -34,11 +34,11 @@ if command -v nvidia-cuda-mps-control >/dev/null 2>&1 && nvidia-cuda-mps-control
   fi
 fi
 
-python3 -m pipeline.config experiment=paper ${EXTRA:-} > params.yaml
+python3 -m pipeline.core.config experiment=paper ${EXTRA:-} > params.yaml
 # Decode the 224-px frame cache once, before the workers start.
-python3 -c 'from pipeline.config import load_params; from pipeline.data import FrameStore, interpolation_of, used_frames; p=load_params(); d=p["dataset"]; FrameStore(d["frames_dir"], used_frames(d["frames_dir"]), p["train"]["image_size"], interpolation_of(d))'
+python3 -c 'from pipeline.core.config import load_params; from pipeline.data.loading import FrameStore, interpolation_of, used_frames; p=load_params(); d=p["dataset"]; FrameStore(d["frames_dir"], used_frames(d["frames_dir"]), p["train"]["image_size"], interpolation_of(d))'
 
-MODELS=$(python3 -c 'from pipeline.config import load_params; print(" ".join(load_params()["grid"]["models"]))')
+MODELS=$(python3 -c 'from pipeline.core.config import load_params; print(" ".join(load_params()["grid"]["models"]))')
 if [ -n "${JOBS:-}" ]; then
   grep -v '^\s*\(#\|$\)' "$JOBS" > "$WORK/jobs.txt"
 else
@@ -51,7 +51,7 @@ echo "grid: $(wc -l < "$WORK/jobs.txt") jobs, $PARALLEL at a time, ${LEFT}s" | t
 GRID_START=$(date +%s)
 # flock: one writer at a time appends to the shared tar.
 timeout --signal=KILL "$LEFT" xargs -r -P "$PARALLEL" -L 1 -a "$WORK/jobs.txt" sh -c '
-  python3 -m pipeline.train model=$0 loss=$1 fold=$2 > "'"$WORK"'/logs/train_$0-$1-$2.log" 2>&1
+  python3 -m pipeline.stages.train model=$0 loss=$1 fold=$2 > "'"$WORK"'/logs/train_$0-$1-$2.log" 2>&1
   code=$?
   d=models/$0-$1/fold_$2
   [ $code -eq 0 ] && flock "'"$WORK"'/tar.lock" tar rf "'"$OUT"'/results.tar" $d/test_predictions.csv $d/history.csv $d/metrics.json

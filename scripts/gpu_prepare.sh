@@ -31,7 +31,7 @@ import shutil
 
 import pandas as pd
 
-from pipeline.config import compose, resolve_path
+from pipeline.core.config import compose, resolve_path
 
 ds = compose(["experiment=pneumoniamnist"])["dataset"]
 for src in ds["sources"]:

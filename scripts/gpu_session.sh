@@ -32,9 +32,9 @@ fi
 ) &
 [ -z "${JOBS:-}" ] && [ -f .gpu/jobs.txt ] && JOBS=.gpu/jobs.txt
 # GRAPH=1: train with the step replayed from a CUDA graph (train.cuda_graph) if the parity check
-# of pipeline/steps.py passes on this GPU (else eager), and benchmark both kinds of step.
+# of pipeline/training/steps.py passes on this GPU (else eager), and benchmark both kinds of step.
 if [ "${GRAPH:-0}" = 1 ]; then
-  if python3 -m pipeline.steps --check >> "$OUT/log.txt" 2>&1; then
+  if python3 -m pipeline.training.steps --check >> "$OUT/log.txt" 2>&1; then
     export EXTRA="${EXTRA:-} train.cuda_graph=true" BENCH_ARGS="--cuda-graph both"
     echo "CUDA-graph parity check passed: train.cuda_graph=true" | tee -a "$OUT/log.txt"
   else

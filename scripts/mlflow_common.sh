@@ -1,6 +1,6 @@
 # Sourced by mlflow_ui.sh and mlflow_server.sh, from the project root: where MLflow listens
 # (MLFLOW_HOST, default 127.0.0.1; MLFLOW_PORT, default 5000), which mlflow runs (the project
-# venv's when there is one), no telemetry (as pipeline/tracking.py sets for the runs), and a
+# venv's when there is one), no telemetry (as pipeline/core/tracking.py sets for the runs), and a
 # warning when an unauthenticated MLflow is bound beyond this machine.
 root="$(pwd)"
 host="${MLFLOW_HOST:-127.0.0.1}"

@@ -2,8 +2,8 @@
 # A team MLflow tracking server: `scripts/mlflow_server.sh [extra mlflow server options]`.
 #
 # What several machines log to (pipeline/grid.py on a Ray cluster): the embedded SQLite store of
-# pipeline/tracking.py is one file on one machine. Point every training at this server with
-# `tracking.uri=http://<this host>:<port>` (python -m pipeline.grid / pipeline.train, or
+# pipeline/core/tracking.py is one file on one machine. Point every training at this server with
+# `tracking.uri=http://<this host>:<port>` (python -m pipeline.grid / pipeline.stages.train, or
 # `dvc exp run -S tracking.uri=...`).
 #
 # - Runs go to a database: MLFLOW_BACKEND_URI (e.g. postgresql://user@db/mlflow), by default a

@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Browse the project's MLflow store: `scripts/mlflow_ui.sh [extra mlflow ui options]`.
 #
-# The store is the one pipeline/tracking.py writes by default (the embedded SQLite database and
+# The store is the one pipeline/core/tracking.py writes by default (the embedded SQLite database and
 # artifact folder under mlruns/ of this checkout). The UI has no authentication, so it listens on
 # 127.0.0.1 only; to reach it from another machine prefer an SSH tunnel
 # (`ssh -L 5000:127.0.0.1:5000 host`). MLFLOW_HOST=0.0.0.0 exposes it to the network on purpose;

@@ -85,8 +85,8 @@ def make_tiny_project(root: Path, *, epochs: int = 3, folds: tuple[int, ...] = (
     """A project dir with 3 classes x 4 patients x 1 video, its manifest, 2-fold splits,
     params.yaml (32 px images, CPU, no AMP) and the audit report of those folds. Returns the
     params written."""
-    from pipeline.audit import main as audit_main  # not at the top: worker processes import
-    from pipeline.config import compose  # this module, and must start fast
+    from pipeline.core.config import compose  # this module, and must start fast
+    from pipeline.stages.audit import main as audit_main  # not at the top: worker processes import
 
     rng = np.random.default_rng(0)
     frames_dir, folds_dir = root / "data" / "frames", root / "data" / "folds"

@@ -14,11 +14,10 @@ import numpy as np
 import pandas as pd
 import pytest
 import yaml
-
 from PIL import Image
 
-from pipeline.audit import audit, main
-from pipeline.duplicates import distances, perceptual_hash
+from pipeline.data.duplicates import distances, perceptual_hash
+from pipeline.stages.audit import audit, main
 from tests.conftest import PROJECT_ROOT, natural_image
 
 PATIENTS = [f"p{i}" for i in range(6)]

@@ -18,7 +18,9 @@ import torch
 import yaml
 from torch import nn
 
-from pipeline import benchmark, complexity, edge_runner, export
+from pipeline.deploy import edge_runner, formats
+from pipeline.models import complexity
+from pipeline.stages import benchmark
 
 SIZE = 32
 RUNS = {"runs": 3, "warmup": 1}
@@ -39,7 +41,7 @@ def exported(tmp_path_factory):
     model = tiny_model()
     out = tmp_path_factory.mktemp("export")
     x = torch.rand(4, 3, SIZE, SIZE)
-    export.export_model(model, out, SIZE, x, formats=["onnx", "tflite_fp32", "tflite_int8_dynamic"])
+    formats.export_model(model, out, SIZE, x, formats=["onnx", "tflite_fp32", "tflite_int8_dynamic"])
     return model, out
 
 
@@ -129,11 +131,11 @@ def test_helpers():
 
 
 def test_main_writes_the_report(exported, tmp_path, monkeypatch):
-    import pipeline.checkpoint
+    import pipeline.models.checkpoint
 
     model, out = exported
     shutil.copytree(out, tmp_path / "exports" / "tiny-ce" / "fold_0")
-    monkeypatch.setattr(pipeline.checkpoint, "load_model",
+    monkeypatch.setattr(pipeline.models.checkpoint, "load_model",
                         lambda path: (model, {"image_size": SIZE, "classes": list("abc")}))
     params = {"benchmark": {**RUNS, "threads": [1], "formats": ["onnx"], "cuda": False}}
     (tmp_path / "params.yaml").write_text(yaml.safe_dump(params))

@@ -11,11 +11,21 @@ import pytest
 import torch
 import yaml
 
-from pipeline.binary_eval import (confusion_at, evaluate_cell, held_out_thresholds, main,
-                                  min_positives, operating_point, penultimate_features,
-                                  score_histograms, threshold_sweep, tsne_plot, wald_ci)
-from pipeline.config import compose
-from pipeline.metrics import BinaryFigures, patient_bootstrap
+from pipeline.core.config import compose
+from pipeline.evaluation.metrics import BinaryFigures, patient_bootstrap
+from pipeline.stages.binary_eval import (
+    confusion_at,
+    evaluate_cell,
+    held_out_thresholds,
+    main,
+    min_positives,
+    operating_point,
+    penultimate_features,
+    score_histograms,
+    threshold_sweep,
+    tsne_plot,
+    wald_ci,
+)
 
 # 4 positives, 6 negatives. A score >= the threshold is called positive.
 Y = [1, 1, 1, 1, 0, 0, 0, 0, 0, 0]
@@ -90,7 +100,7 @@ def test_score_histograms(tmp_path):
 
 
 def test_penultimate_features_and_tsne(tmp_path):
-    from pipeline.models import build_model
+    from pipeline.models.zoo import build_model
 
     torch.manual_seed(0)
     model = build_model({"arch": "mini_covidnet"}, num_classes=2).eval()
@@ -158,8 +168,8 @@ def test_main_writes_every_cell(tmp_path, monkeypatch):
 def test_main_tsne_from_a_fold_checkpoint(tmp_path, monkeypatch):
     import cv2
 
-    from pipeline.checkpoint import save_checkpoint
-    from pipeline.models import build_model
+    from pipeline.models.checkpoint import save_checkpoint
+    from pipeline.models.zoo import build_model
 
     params = compose(["experiment=cxr_covid_resnet50", "grid.models=[mini_covidnet]"])
     params["dataset"]["frames_dir"] = "frames"
@@ -311,7 +321,7 @@ def test_binary_figures_match_the_single_threshold_figures():
 
 
 def test_report_section_shows_both_points_intervals_and_published(tmp_path):
-    from pipeline.report import binary_sections
+    from pipeline.stages.report import binary_sections
 
     test, val = _tables()
     cells = tmp_path / "binary"
@@ -350,7 +360,7 @@ def test_report_section_shows_both_points_intervals_and_published(tmp_path):
 
 
 def test_report_section_names_folds_whose_validation_is_too_small(tmp_path):
-    from pipeline.report import binary_sections
+    from pipeline.stages.report import binary_sections
 
     test, val = _tables()
     small = val[(val.fold != 1) | (val.index % 9 == 0)]

@@ -1,4 +1,4 @@
-"""User errors end in one ``error:`` line and exit 2 (``pipeline.cli.run_main``), through the real
+"""User errors end in one ``error:`` line and exit 2 (``pipeline.core.cli.run_main``), through the real
 ``python -m pipeline.<stage>`` commands: a config typo (with the valid keys), an altered or
 missing source file, a missing checksum list; the traceback only with PIPELINE_VERBOSE=1."""
 
@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from pipeline.cli import UserError, run_main
+from pipeline.core.cli import UserError, run_main
 from tests.conftest import PROJECT_ROOT
 
 
@@ -34,20 +34,20 @@ def error_line(proc: subprocess.CompletedProcess) -> str:
 
 
 def test_config_typo_names_the_valid_keys(tmp_path):
-    line = error_line(stage(["pipeline.config", "check", "tran.epochs=3"], PROJECT_ROOT))
+    line = error_line(stage(["pipeline.core.config", "check", "tran.epochs=3"], PROJECT_ROOT))
     assert line.startswith("error: override 'tran.epochs=3': unknown config key 'tran.epochs'")
     assert "valid keys: " in line and "train" in line.split("valid keys: ")[1]
-    line = error_line(stage(["pipeline.config", "experiment=papper"], PROJECT_ROOT))
+    line = error_line(stage(["pipeline.core.config", "experiment=papper"], PROJECT_ROOT))
     assert "no option 'papper' in conf/experiment/" in line and "paper" in line
-    ok = stage(["pipeline.config", "check", "train.epochs=3"], PROJECT_ROOT)
+    ok = stage(["pipeline.core.config", "check", "train.epochs=3"], PROJECT_ROOT)
     assert ok.returncode == 0 and ok.stdout == "" and "ok" in ok.stderr
 
 
 def test_verbose_shows_the_traceback_too(tmp_path):
-    proc = stage(["pipeline.config", "check", "tran.epochs=3"], PROJECT_ROOT, PIPELINE_VERBOSE="1")
+    proc = stage(["pipeline.core.config", "check", "tran.epochs=3"], PROJECT_ROOT, PIPELINE_VERBOSE="1")
     assert proc.returncode == 2 and "Traceback" in proc.stderr and "ConfigError" in proc.stderr
     assert proc.stderr.strip().splitlines()[-1].startswith("error: override 'tran.epochs=3'")
-    flag = stage(["pipeline.config", "check", "--verbose", "tran.epochs=3"], PROJECT_ROOT)
+    flag = stage(["pipeline.core.config", "check", "--verbose", "tran.epochs=3"], PROJECT_ROOT)
     assert flag.returncode == 2 and "Traceback" in flag.stderr
 
 
@@ -68,15 +68,15 @@ def fetch_project(root: Path) -> Path:
 
 def test_fetch_altered_missing_source_file_and_list(tmp_path):
     src = fetch_project(tmp_path)
-    assert stage(["pipeline.fetch_data"], tmp_path).returncode == 0  # intact: taken
+    assert stage(["pipeline.stages.fetch_data"], tmp_path).returncode == 0  # intact: taken
     (src / "pocus_videos/convex/Cov_a.mp4").write_bytes(b"tampered")
-    line = error_line(stage(["pipeline.fetch_data"], tmp_path))
+    line = error_line(stage(["pipeline.stages.fetch_data"], tmp_path))
     assert "altered file pocus_videos/convex/Cov_a.mp4" in line and "dataset.sources" in line
     (src / "pocus_videos/convex/Cov_a.mp4").unlink()
-    line = error_line(stage(["pipeline.fetch_data"], tmp_path))
+    line = error_line(stage(["pipeline.stages.fetch_data"], tmp_path))
     assert "missing file pocus_videos/convex/Cov_a.mp4" in line and "Restore the files" in line
     (tmp_path / "sums.sha256").unlink()
-    line = error_line(stage(["pipeline.fetch_data"], tmp_path))
+    line = error_line(stage(["pipeline.stages.fetch_data"], tmp_path))
     assert "sums.sha256 (dataset.checksums) not found" in line and "--write-checksums" in line
 
 
@@ -102,17 +102,18 @@ def test_run_main_exit_codes_and_condensed_message(capsys):
         run_main(lambda argv: {}["x"], [])
 
 
-@pytest.mark.parametrize("module", ["fetch_data", "extract_frames", "train", "evaluate", "grid"])
+@pytest.mark.parametrize("module", ["stages.fetch_data", "stages.extract_frames", "stages.train",
+                                    "stages.evaluate", "grid"])
 def test_stage_outside_a_checkout_names_params_yaml(tmp_path, module):
-    args = ["model=mini_covidnet", "loss=ce"] if module == "train" else []
+    args = ["model=mini_covidnet", "loss=ce"] if module == "stages.train" else []
     line = error_line(stage([f"pipeline.{module}", *args], tmp_path))
-    assert "params.yaml not found" in line and "python -m pipeline.config > params.yaml" in line
+    assert "params.yaml not found" in line and "python -m pipeline.core.config > params.yaml" in line
 
 
 def test_train_typo_lists_the_valid_keys_before_any_work():
-    line = error_line(stage(["pipeline.train", "model=mini_covidnet", "loss=ce", "tran.epochs=3"],
+    line = error_line(stage(["pipeline.stages.train", "model=mini_covidnet", "loss=ce", "tran.epochs=3"],
                             PROJECT_ROOT))
     assert line.startswith("error: unknown config key 'tran.epochs': 'tran' is not under <top "
                            "level> (valid keys: ")
-    line = error_line(stage(["pipeline.train", "model=mobilenet", "loss=ce"], PROJECT_ROOT))
+    line = error_line(stage(["pipeline.stages.train", "model=mobilenet", "loss=ce"], PROJECT_ROOT))
     assert "unknown model 'mobilenet'" in line and "mini_covidnet" in line

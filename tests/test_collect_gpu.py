@@ -13,7 +13,7 @@ from pathlib import Path
 import pandas as pd
 import pytest
 
-from pipeline.config import compose
+from pipeline.core.config import compose
 from tests.conftest import PROJECT_ROOT
 
 spec = importlib.util.spec_from_file_location("collect_gpu_run", PROJECT_ROOT / "scripts" / "collect_gpu_run.py")
@@ -50,9 +50,9 @@ def _session(root: Path, gpu: str, stamp: int) -> Path:
         _add(tar, "partial/mobilenet_v2-focal-fold_2.csv", "epoch,seconds\n0,5.0\n1,7.0\n")
     with tarfile.open(root / "logs.tgz", "w:gz") as tar:
         _add(tar, "logs/train_resnet50-ce-3.log",
-             "x INFO pipeline.train: fold 3 epoch 1/50: train loss 1 acc 0.5 | val loss 1 acc 0.5 | 4.0s\n"
-             "x INFO pipeline.train: fold 3 epoch 2/50: train loss 1 acc 0.5 | val loss 1 acc 0.5 | 6.0s\n"
-             "x INFO pipeline.train: resnet50-ce: pooled accuracy 0.612 over folds [3] in 10 s\n")
+             "x INFO pipeline.stages.train: fold 3 epoch 1/50: train loss 1 acc 0.5 | val loss 1 acc 0.5 | 4.0s\n"
+             "x INFO pipeline.stages.train: fold 3 epoch 2/50: train loss 1 acc 0.5 | val loss 1 acc 0.5 | 6.0s\n"
+             "x INFO pipeline.stages.train: resnet50-ce: pooled accuracy 0.612 over folds [3] in 10 s\n")
     return root
 
 
@@ -155,7 +155,7 @@ def test_a_job_rerun_by_a_later_session_keeps_the_log_that_got_furthest(tmp_path
     later = _session(tmp_path / "b", "CPU AMD EPYC (2 cores)", 1_795_900_000)
     with tarfile.open(later / "logs.tgz", "w:gz") as tar:  # the same job, cut off after 1 epoch
         _add(tar, "logs/train_resnet50-ce-3.log",
-             "x INFO pipeline.train: fold 3 epoch 1/50: train loss 1 acc 0.5 | val loss 1 acc 0.5 | 80.0s\n")
+             "x INFO pipeline.stages.train: fold 3 epoch 1/50: train loss 1 acc 0.5 | val loss 1 acc 0.5 | 80.0s\n")
     collect.ingest(later, runs)
     row = collect.progress(compose(["experiment=paper"]), runs).set_index(
         ["model", "loss", "fold"]).loc[("resnet50", "ce", 3)]

@@ -7,14 +7,21 @@ from pathlib import Path
 import pytest
 import yaml
 
-from pipeline.config import ConfigError, apply_overrides, compose, get, main_repo_root, select_run
+from pipeline.core.config import (
+    ConfigError,
+    apply_overrides,
+    compose,
+    get,
+    main_repo_root,
+    select_run,
+)
 
 ROOT = Path(__file__).resolve().parent.parent
 
 
 def test_params_yaml_equals_the_composed_conf():
     committed = yaml.safe_load((ROOT / "params.yaml").read_text())
-    assert committed == compose([]), "params.yaml is stale: run `python -m pipeline.config > params.yaml`"
+    assert committed == compose([]), "params.yaml is stale: run `python -m pipeline.core.config > params.yaml`"
 
 
 @pytest.mark.parametrize("experiment", sorted(p.stem for p in (ROOT / "conf" / "experiment").glob("*.yaml")))

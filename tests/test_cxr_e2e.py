@@ -7,8 +7,8 @@ report."""
 from __future__ import annotations
 
 import json
-import shutil
 import re
+import shutil
 import sys
 from pathlib import Path
 
@@ -54,7 +54,7 @@ def project_with_data(tmp_path: Path, name: str, write) -> tuple[Path, Path]:
     proj = copy_project(tmp_path / "project")
     data = proj / "data" / "external" / name
     write(data)
-    sums = run([sys.executable, "-m", "pipeline.fetch_data", "--write-checksums", str(data)], proj)
+    sums = run([sys.executable, "-m", "pipeline.stages.fetch_data", "--write-checksums", str(data)], proj)
     (proj / "data" / "external" / f"{name}.sha256").write_text(sums)
     run(["git", "init", "-q"], proj)
     run(["git", "add", "-A"], proj)

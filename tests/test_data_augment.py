@@ -1,4 +1,4 @@
-"""Tests of pipeline.data.augment_batch: Keras-style zoom and shear folded into the one affine
+"""Tests of pipeline.data.loading.augment_batch: Keras-style zoom and shear folded into the one affine
 warp, off by default without changing the random stream of existing configs."""
 
 from __future__ import annotations
@@ -9,7 +9,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from pipeline.data import affine_theta, augment_batch
+from pipeline.data.loading import affine_theta, augment_batch
 
 SIZE = 32
 CENTRE = (SIZE - 1) / 2  # pixel-centre coordinate of the image centre (15.5)

@@ -10,11 +10,17 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from pipeline.config import ConfigError, compose
-from pipeline.datasets import (DatasetError, label_map, prepare,
-                               prepare_image_folders, prepare_image_manifest, prepare_medmnist_npz)
-from pipeline.extract_frames import MANIFEST_COLUMNS
-from pipeline.split_folds import check_no_leakage, make_fixed_splits, make_splits
+from pipeline.core.config import ConfigError, compose
+from pipeline.data.frames import MANIFEST_COLUMNS
+from pipeline.data.sources import (
+    DatasetError,
+    label_map,
+    prepare,
+    prepare_image_folders,
+    prepare_image_manifest,
+    prepare_medmnist_npz,
+)
+from pipeline.stages.split_folds import check_no_leakage, make_fixed_splits, make_splits
 
 ROOT = Path(__file__).resolve().parent.parent
 REAL_NPZ = ROOT.parent / "shared" / "datasets" / "medmnist" / "pneumoniamnist.npz"
@@ -260,7 +266,7 @@ def test_medmnist_unknown_label(tmp_path: Path):
 
 @pytest.mark.skipif(not REAL_NPZ.is_file(), reason=f"{REAL_NPZ} not present")
 def test_real_pneumoniamnist_reproduces_the_official_split(tmp_path: Path):
-    from pipeline.fetch_data import read_checksums, verify_folder
+    from pipeline.stages.fetch_data import read_checksums, verify_folder
 
     ds = compose(["experiment=pneumoniamnist"])["dataset"]
     assert verify_folder(REAL_NPZ.parent, read_checksums(ROOT / ds["checksums"])) == []
@@ -273,7 +279,7 @@ def test_real_pneumoniamnist_reproduces_the_official_split(tmp_path: Path):
 
 
 def test_dispatcher_and_config_errors(tmp_path: Path):
-    with pytest.raises(ConfigError, match="valid kinds: lus_videos, image_folders"):
+    with pytest.raises(ConfigError, match="valid kinds: image_folders, image_manifest, lus_videos, medmnist_npz"):
         prepare("dicom_folder", tmp_path, tmp_path, {}, True)
     with pytest.raises(ConfigError, match="'1' is listed under both"):
         label_map({"a": [1], "b": ["1"]})
@@ -302,7 +308,7 @@ def test_image_below_min_side_is_excluded_with_size_and_key(kermany: Path, tmp_p
     """A 1x1 PNG is no chest X-ray: excluded with its size and the key, not used as a frame;
     strict mode does not stop on it (a rule, like the class folders), and the log says so."""
     _write(kermany / "train" / "PNEUMONIA" / "person900_bacteria_1.png", "gray", size=(1, 1))
-    with caplog.at_level("WARNING", logger="pipeline.datasets"):
+    with caplog.at_level("WARNING", logger="pipeline.data.sources"):
         m = prepare_image_folders(kermany, tmp_path / "frames", folders_ds(min_side=8),
                                   strict=True)
     row = m.set_index("source").loc["train/PNEUMONIA/person900_bacteria_1.png"]

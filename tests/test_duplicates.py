@@ -15,11 +15,11 @@ import pandas as pd
 import pytest
 import yaml
 
-from pipeline.audit import main as audit_main
-from pipeline.config import compose
-from pipeline.data import AuditError, audited_splits
-from pipeline.datasets import prepare
-from pipeline.split_folds import main as split_main
+from pipeline.core.config import compose
+from pipeline.data.loading import AuditError, audited_splits
+from pipeline.data.sources import prepare
+from pipeline.stages.audit import main as audit_main
+from pipeline.stages.split_folds import main as split_main
 from tests.conftest import natural_image
 
 N_PATIENTS = 30

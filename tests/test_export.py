@@ -11,7 +11,8 @@ import torch
 import yaml
 from torch import nn
 
-from pipeline import edge_runner, export
+from pipeline.deploy import edge_runner, formats
+from pipeline.stages import export
 
 SIZE = 32
 
@@ -59,25 +60,25 @@ def exported(tmp_path_factory):
     model = tiny_model()
     labels = torch.randint(0, 3, (12,), generator=torch.Generator().manual_seed(3))
     out = tmp_path_factory.mktemp("export")
-    records = export.export_model(model, out, SIZE, images(12, 1), labels,
+    records = formats.export_model(model, out, SIZE, images(12, 1), labels,
                                   calibration=images(16, 2), extra={"fold": 0})
     return model, out, {r["format"]: r for r in records}
 
 
-@pytest.mark.parametrize("fmt", export.FORMATS)
+@pytest.mark.parametrize("fmt", formats.FORMATS)
 def test_every_format_matches_pytorch(exported, fmt):
     model, out, records = exported
     record = records[fmt]
-    path = out / export.FILE_NAMES[fmt]
+    path = out / formats.FILE_NAMES[fmt]
     assert record["file"] == str(path) and path.stat().st_size == record["size_bytes"] > 0
     assert record["passed"] and record["fold"] == 0 and record["n_frames"] == 12
-    assert record["tolerance"] == export.DEFAULT_TOLERANCE[fmt]
+    assert record["tolerance"] == formats.DEFAULT_TOLERANCE[fmt]
     # Tighter than the defaults: a tiny model with random weights drifts little.
     assert record["max_abs_diff"] <= {"onnx": 1e-5, "tflite_fp32": 1e-5}.get(fmt, 0.05)
     assert record["top1_agreement"] == 1.0
     assert {"accuracy_torch", "accuracy", "accuracy_change"} <= set(record)
     # Fresh frames, not the ones the parity check used.
-    again = export.runtime_parity(model, path, images(5, 9))
+    again = formats.runtime_parity(model, path, images(5, 9))
     assert again["n"] == 5 and again["max_abs_diff"] <= 0.05
 
 
@@ -115,15 +116,15 @@ def test_accuracy_change_on_labelled_images(exported):
     model, out, _ = exported
     x = images(10, 5)
     labels = model(x).argmax(1)  # PyTorch is right on every frame by construction
-    result = export.accuracy_change(model, out / "model_int8_dynamic.tflite", x, labels)
+    result = formats.accuracy_change(model, out / "model_int8_dynamic.tflite", x, labels)
     assert result["accuracy_torch"] == 1.0 and result["n"] == 10
     assert result["accuracy_change"] == pytest.approx(result["accuracy"] - 1.0)
 
 
 def test_tolerance_breach_raises_with_numbers_and_file(tmp_path):
     model = tiny_model(1)
-    with pytest.raises(export.ParityError) as info:
-        export.export_model(model, tmp_path, SIZE, images(4, 6), formats=["tflite_int8_dynamic"],
+    with pytest.raises(formats.ParityError) as info:
+        formats.export_model(model, tmp_path, SIZE, images(4, 6), formats=["tflite_int8_dynamic"],
                             tolerance={"tflite_int8_dynamic": 1e-7})
     message = str(info.value)
     assert "model_int8_dynamic.tflite" in message and "tolerance 1e-07" in message
@@ -136,45 +137,45 @@ def test_tolerance_breach_raises_with_numbers_and_file(tmp_path):
 def test_compare_outputs():
     ref = np.array([[1.0, 0.0, 0.0], [0.0, 2.0, 0.0]])
     out = np.array([[0.9, 0.0, 0.2], [0.0, 0.0, 2.5]])
-    result = export.compare_outputs(ref, out, labels=[0, 1])
+    result = formats.compare_outputs(ref, out, labels=[0, 1])
     assert result == pytest.approx({"max_abs_diff": 2.5, "mean_abs_diff": 0.8,
                                     "rel_max_abs_diff": 1.25,
                                     "top1_agreement": 0.5, "n": 2, "accuracy_torch": 1.0,
                                     "accuracy": 0.5, "accuracy_change": -0.5})
     with pytest.raises(ValueError, match="shape"):
-        export.compare_outputs(ref, out[:1])
+        formats.compare_outputs(ref, out[:1])
 
 
 def test_gates():
     result = {"max_abs_diff": 3.0, "top1_agreement": 0.6}
-    assert export.within_tolerance(result, None, 0.5)  # null tolerance: top-1 gate only
-    assert not export.within_tolerance(result, 1.0, 0.5)
-    assert not export.within_tolerance(result, None, 0.9)
+    assert formats.within_tolerance(result, None, 0.5)  # null tolerance: top-1 gate only
+    assert not formats.within_tolerance(result, 1.0, 0.5)
+    assert not formats.within_tolerance(result, None, 0.9)
 
 
 def test_bad_requests_name_the_valid_choices():
     with pytest.raises(ValueError, match="valid"):
-        export.export_model(tiny_model(), "unused", SIZE, images(1, 0), formats=["tflite_int4"])
+        formats.export_model(tiny_model(), "unused", SIZE, images(1, 0), formats=["tflite_int4"])
     with pytest.raises(ValueError, match="valid"):
-        export.quantize_tflite(b"", "int4")
+        formats.quantize_tflite(b"", "int4")
     with pytest.raises(ValueError, match="calibration"):
-        export.quantize_tflite(b"", "int8_full", calibration=None)
+        formats.quantize_tflite(b"", "int8_full", calibration=None)
     with pytest.raises(ValueError, match="export.*valid"):
         export.export_config({"export": {"tolerence": {}}})
     cfg = export.export_config({"export": {"tolerance": {"tflite_int8_full": 2.0}}})
     assert cfg["tolerance"]["tflite_int8_full"] == 2.0
-    assert cfg["tolerance"]["onnx"] == export.DEFAULT_TOLERANCE["onnx"]
+    assert cfg["tolerance"]["onnx"] == formats.DEFAULT_TOLERANCE["onnx"]
 
 
 def test_main_exports_every_fold_and_writes_parity_json(tmp_path, monkeypatch):
     """The stage's I/O: folds found, files laid out, parity.json written, failure after it."""
-    import pipeline.checkpoint
+    import pipeline.models.checkpoint
 
     run_dir = tmp_path / "models" / "tiny-ce"
     for k in (0, 1):
         (run_dir / f"fold_{k}").mkdir(parents=True)
         (run_dir / f"fold_{k}" / "best.pt").write_bytes(b"stand-in: load_model is patched")
-    monkeypatch.setattr(pipeline.checkpoint, "load_model",
+    monkeypatch.setattr(pipeline.models.checkpoint, "load_model",
                         lambda path: (tiny_model(), {"image_size": SIZE, "classes": list("abc")}))
     frames = []
     monkeypatch.setattr(export, "_frames", lambda fold, split, size, limit: (
@@ -210,7 +211,7 @@ def test_main_exports_every_fold_and_writes_parity_json(tmp_path, monkeypatch):
 
     params["export"].update(formats=["onnx"], tolerance={"onnx": -1.0})  # impossible to meet
     (tmp_path / "params.yaml").write_text(yaml.safe_dump(params))
-    with pytest.raises(export.ParityError, match="model.onnx"):
+    with pytest.raises(formats.ParityError, match="model.onnx"):
         export.main(["--run-dir", "models/tiny-ce", "--folds", "1"])
     summary = json.loads((out_dir / "parity.json").read_text())
     assert not summary["passed"] and [r["passed"] for r in summary["records"]] == [False]

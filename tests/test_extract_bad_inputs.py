@@ -22,7 +22,8 @@ import pytest
 import yaml
 from PIL import Image
 
-from pipeline.extract_frames import ExtractionError, InputFile, Result, extract, process_file
+from pipeline.data.frames import ExtractionError, InputFile, Result, process_file
+from pipeline.data.lus_videos import extract
 from tests.conftest import PROJECT_ROOT, write_video
 
 METADATA = "dataset_metadata.csv"
@@ -94,7 +95,7 @@ def test_metadata_row_without_file_and_file_without_row(tmp_path, ds_cfg, caplog
     folder = raw / "pocus_videos" / "convex"
     write_video(folder / "Cov_unlisted.avi", 10, 10.0)
     write_video(folder / "Reg_pat9Image_1.avi", 10, 10.0)
-    with caplog.at_level(logging.INFO, logger="pipeline.extract_frames"):
+    with caplog.at_level(logging.INFO, logger="pipeline.data"):
         manifest = extract(raw, tmp_path / "frames", ds_cfg, strict=True)
     assert_accounted(raw, manifest, tmp_path / "frames")
     # The row without a file is harmless: no input, no patient, but said in the log.
@@ -253,7 +254,7 @@ def test_inputs_below_min_side_are_excluded_with_size_and_key(tmp_path, ds_cfg, 
     raw = base_dataset(tmp_path)
     cv2.imwrite(str(raw / "pocus_images" / "convex" / "Cov_dot.png"), np.full((1, 1, 3), 200, np.uint8))
     write_video(raw / "pocus_videos" / "convex" / "Pneu_thumb.avi", 10, 10.0, size=16)
-    with caplog.at_level(logging.WARNING, logger="pipeline.extract_frames"):
+    with caplog.at_level(logging.WARNING, logger="pipeline.data"):
         manifest = extract(raw, tmp_path / "frames", {**ds_cfg, "min_side": 32}, strict=True)
     assert_accounted(raw, manifest, tmp_path / "frames")
     rows = by_source(manifest)
@@ -305,7 +306,7 @@ def stage_project_params(root: Path, ds_cfg: dict, **over) -> None:
 
 
 def stage_project(root: Path, ds_cfg: dict, **over) -> Path:
-    """A checkout for ``python -m pipeline.extract_frames``: params.yaml + data/raw."""
+    """A checkout for ``python -m pipeline.stages.extract_frames``: params.yaml + data/raw."""
     raw = base_dataset(root / "data")
     stage_project_params(root, ds_cfg, **over)
     return raw
@@ -314,7 +315,7 @@ def stage_project(root: Path, ds_cfg: dict, **over) -> Path:
 def run_stage(root: Path) -> subprocess.CompletedProcess:
     env = {**os.environ, "PYTHONPATH": str(PROJECT_ROOT)}
     env.pop("PIPELINE_VERBOSE", None)
-    return subprocess.run([sys.executable, "-m", "pipeline.extract_frames"], cwd=root, env=env,
+    return subprocess.run([sys.executable, "-m", "pipeline.stages.extract_frames"], cwd=root, env=env,
                           capture_output=True, text=True, timeout=300)
 
 

@@ -9,8 +9,8 @@ import cv2
 import numpy as np
 import pytest
 
-from pipeline.extract_frames import (ExtractionError, InputFile, extract, process_file,
-                                     sample_indices, to_rgb8)
+from pipeline.data.frames import ExtractionError, InputFile, process_file, sample_indices, to_rgb8
+from pipeline.data.lus_videos import extract
 from tests.conftest import frame_level_to_index, write_video
 
 

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from pipeline.fetch_data import DataSourceError, fetch, read_checksums
+from pipeline.stages.fetch_data import DataSourceError, fetch, read_checksums
 
 
 def make_source(root: Path) -> dict[str, str]:
@@ -85,6 +85,6 @@ def test_committed_list_matches_the_shared_dataset(shared_lus):
     sums = read_checksums(Path(__file__).parent.parent / "data" / "covid19_ultrasound.sha256")
     assert len(sums) == 165
     # the real files verify (hashing 84 MB takes a few seconds)
-    from pipeline.fetch_data import verify_folder
+    from pipeline.stages.fetch_data import verify_folder
 
     assert verify_folder(shared_lus, sums) == []

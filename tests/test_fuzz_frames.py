@@ -12,7 +12,7 @@ import cv2
 import numpy as np
 import pytest
 
-from pipeline.extract_frames import InputFile, _decode_all, process_file
+from pipeline.data.frames import InputFile, _decode_all, process_file
 from tests.conftest import SHARED_LUS, write_video
 
 SEED = 20240611

@@ -1,4 +1,4 @@
-"""``pipeline.gradcam`` on tiny trained models (a CNN and a capsule network) and a fake run
+"""``pipeline.evaluation.gradcam`` on tiny trained models (a CNN and a capsule network) and a fake run
 folder: fold checkpoints, test predictions and frame images written here."""
 
 from __future__ import annotations
@@ -11,10 +11,10 @@ import pandas as pd
 import pytest
 import torch
 
-import pipeline.models
-from pipeline import gradcam
-from pipeline.checkpoint import load_model, save_checkpoint
-from pipeline.models import build_model, default_model_config
+import pipeline.models.zoo
+from pipeline.evaluation import gradcam
+from pipeline.models.checkpoint import load_model, save_checkpoint
+from pipeline.models.zoo import build_model, default_model_config
 
 SIZE = 64  # Mini-COVIDNet's Grad-CAM layer is 2x2 here (1x1, a flat map, at 32 px)
 CLASSES = ["covid", "pneumonia", "healthy"]
@@ -137,8 +137,8 @@ def test_no_spatial_map_falls_back(tmp_path, monkeypatch, caplog):
         gradcam.compute_cam(model, image, 0, layer=model.head.fc1)
     # The grid still gets drawn: plain frames, a note per cell, one warning.
     run, frames = fake_run(tmp_path, "mini_covidnet", per_class=(1, 1, 1))
-    monkeypatch.setattr(pipeline.models, "gradcam_target_layer", lambda m: m.head.fc1)
-    with caplog.at_level("WARNING", logger="pipeline.gradcam"):
+    monkeypatch.setattr(pipeline.models.zoo, "gradcam_target_layer", lambda m: m.head.fc1)
+    with caplog.at_level("WARNING", logger="pipeline.evaluation.gradcam"):
         result = gradcam.gradcam_grid(run, 1, tmp_path / "g.png", frames_dir=frames, dpi=40)
     assert (tmp_path / "g.png").is_file()
     cells = [row[0] for row in result["cells"]]

@@ -17,8 +17,7 @@ import pandas as pd
 import pytest
 import yaml
 
-from tests.conftest import PROJECT_ROOT
-from tests.conftest import make_tiny_project
+from tests.conftest import PROJECT_ROOT, make_tiny_project
 
 pytestmark = pytest.mark.slow
 

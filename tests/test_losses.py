@@ -1,4 +1,4 @@
-"""Tests of pipeline.losses: the focal loss against cross-entropy and a hand computation."""
+"""Tests of pipeline.training.losses: the focal loss against cross-entropy and a hand computation."""
 
 from __future__ import annotations
 
@@ -11,7 +11,7 @@ import torch.nn.functional as F
 from omegaconf import OmegaConf
 from torch import nn
 
-from pipeline.losses import FocalLoss, build_loss
+from pipeline.training.losses import FocalLoss, build_loss
 
 CONF_LOSS = Path(__file__).resolve().parents[1] / "conf" / "loss"
 

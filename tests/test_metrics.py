@@ -1,4 +1,4 @@
-"""Known-answer tests of pipeline.metrics (figures of merit, folds, bootstrap, aggregation)."""
+"""Known-answer tests of pipeline.evaluation.metrics (figures of merit, folds, bootstrap, aggregation)."""
 
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ import pandas as pd
 import pytest
 from sklearn.metrics import roc_auc_score
 
-from pipeline.metrics import (
+from pipeline.evaluation.metrics import (
     FiguresOfMerit,
     aggregate_videos,
     classification_metrics,

@@ -1,4 +1,4 @@
-"""Tests of pipeline.models, parametrized over the registry (timm-style): config files,
+"""Tests of pipeline.models.zoo, parametrized over the registry (timm-style): config files,
 exact parameter counts, forward/backward, freeze policies, weight loading and errors."""
 
 from __future__ import annotations
@@ -10,9 +10,16 @@ import pytest
 import torch
 from omegaconf import OmegaConf
 
-from pipeline import models
-from pipeline.models import (apply_freeze, build_model, count_parameters, default_model_config,
-                             describe_init, gradcam_target_layer, list_models)
+from pipeline.models import zoo as models
+from pipeline.models.zoo import (
+    apply_freeze,
+    build_model,
+    count_parameters,
+    default_model_config,
+    describe_init,
+    gradcam_target_layer,
+    list_models,
+)
 
 CONF_MODEL = Path(__file__).resolve().parents[1] / "conf" / "model"
 SCHEMA_KEYS = {"arch", "pretrained", "normalize", "head", "freeze"}

@@ -9,7 +9,7 @@ import pandas as pd
 import pytest
 import yaml
 
-from pipeline.config import compose
+from pipeline.core.config import compose
 from tests.conftest import make_tiny_project
 
 pytestmark = pytest.mark.slow
@@ -18,9 +18,9 @@ pytestmark = pytest.mark.slow
 def test_every_row_of_the_paper_grid_lands_in_mlflow_and_the_tables(tmp_path, monkeypatch):
     from mlflow.tracking import MlflowClient
 
-    from pipeline import evaluate, report
-    from pipeline.config import load_params
-    from pipeline.train import run
+    from pipeline.core.config import load_params
+    from pipeline.stages import evaluate, report
+    from pipeline.stages.train import run
 
     params = make_tiny_project(tmp_path, epochs=1, frames_per_source=2)
     paper = compose(["experiment=paper"])

@@ -93,7 +93,7 @@ def project(tmp_path_factory, request) -> Path:
     cfg["grid"] = {"models": ["mini_covidnet"], "losses": ["ce", "focal"]}
     cfg["evaluate"]["bootstrap"] = 50
     (conf / "config.yaml").write_text(yaml.safe_dump(cfg, sort_keys=False))
-    params = run([sys.executable, "-m", "pipeline.config"], cwd=proj)
+    params = run([sys.executable, "-m", "pipeline.core.config"], cwd=proj)
     (proj / "params.yaml").write_text(params)
     run(["git", "init", "-q"], proj)
     run(["git", "add", "-A"], proj)

@@ -13,10 +13,10 @@ import pytest
 import torch
 
 from pipeline import predict
-from pipeline.checkpoint import load_model, save_checkpoint
-from pipeline.extract_frames import sample_indices, to_rgb8
-from pipeline.metrics import ensemble_probabilities
-from pipeline.models import build_model, default_model_config
+from pipeline.data.frames import sample_indices, to_rgb8
+from pipeline.evaluation.metrics import ensemble_probabilities
+from pipeline.models.checkpoint import load_model, save_checkpoint
+from pipeline.models.zoo import build_model, default_model_config
 from tests.conftest import SHARED_LUS, write_video
 
 SIZE = 32
@@ -216,7 +216,7 @@ def test_missing_onnx_files(tmp_path, run_dir, clip, capsys):
     (fold / "best.pt").write_bytes((run_dir / "fold_0" / "best.pt").read_bytes())
     rc, _, err = run_cli(capsys, "--run", fold.parent, "--backend", "onnx", clip)
     assert rc == 2
-    assert "model.onnx" in err and "pipeline.export" in err and "--backend torch" in err
+    assert "model.onnx" in err and "pipeline.stages.export" in err and "--backend torch" in err
 
 
 def test_user_errors(tmp_path, run_dir, clip, capsys):

@@ -6,9 +6,9 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from pipeline.config import compose
-from pipeline.evaluate import compare, evaluate_cell
-from pipeline.report import build_tables, fmt, tradeoff_figure
+from pipeline.core.config import compose
+from pipeline.stages.evaluate import compare, evaluate_cell
+from pipeline.stages.report import build_tables, fmt, tradeoff_figure
 
 CLASSES = ["covid", "pneumonia", "healthy"]
 
@@ -131,7 +131,7 @@ def test_fmt_keeps_small_differences_visible():
 def test_published_rows_follow_the_input_size():
     import yaml
 
-    from pipeline.report import published_for
+    from pipeline.stages.report import published_for
     from tests.conftest import PROJECT_ROOT
 
     pub = yaml.safe_load((PROJECT_ROOT / "data" / "published" / "pneumoniamnist.yaml").read_text())

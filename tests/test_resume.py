@@ -16,15 +16,13 @@ import sys
 import time
 from pathlib import Path
 
-import cv2
-import numpy as np
 import pandas as pd
 import pytest
 import torch
 import yaml
 
-from pipeline.config import compose
 from tests.conftest import PROJECT_ROOT, make_tiny_project
+
 
 def _env() -> dict[str, str]:
     # One thread: the same reduction order in every run, and no fight over the 2 shared cores.
@@ -32,7 +30,7 @@ def _env() -> dict[str, str]:
             "MKL_NUM_THREADS": "1", "DVC_NO_ANALYTICS": "1", "MLFLOW_DISABLE_TELEMETRY": "true"}
 
 
-TRAIN_CMD = [sys.executable, "-m", "pipeline.train", "model=mini_covidnet", "loss=ce", "fold=0"]
+TRAIN_CMD = [sys.executable, "-m", "pipeline.stages.train", "model=mini_covidnet", "loss=ce", "fold=0"]
 
 
 def _train_subprocess(cwd: Path, timeout: float = 300) -> None:
@@ -43,8 +41,8 @@ def _train_subprocess(cwd: Path, timeout: float = 300) -> None:
 
 def _train_in_process(cwd: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """The same command in this process (no 10 s of imports); paths are relative to the cwd."""
-    from pipeline.config import load_params
-    from pipeline.train import run
+    from pipeline.core.config import load_params
+    from pipeline.stages.train import run
 
     with monkeypatch.context() as m:
         m.chdir(cwd)

@@ -10,8 +10,8 @@ import pandas as pd
 import pytest
 import yaml
 
-from pipeline.config import ConfigError
-from pipeline.split_folds import LeakageError, check_no_leakage, fold_table, make_splits
+from pipeline.core.config import ConfigError
+from pipeline.stages.split_folds import LeakageError, check_no_leakage, fold_table, make_splits
 
 CFG = {"k": 5, "seed": 42, "validation": "train_patients", "val_fraction": 0.15, "val_candidates": 50}
 CLASSES = ["covid", "pneumonia", "healthy"]
@@ -146,9 +146,9 @@ def test_real_lung_ultrasound_folds_link_one_pair_and_validate_fairly(shared_lus
     """The default params on the whole real dataset: fetch, extract, split. The perceptual
     threshold links exactly one pair of ids (two Northumbria images that are one picture), no
     distinct patients; every fold's validation meets the coverage and class-share rules."""
-    from pipeline.extract_frames import main as extract_main
-    from pipeline.fetch_data import main as fetch_main
-    from pipeline.split_folds import main as split_main
+    from pipeline.stages.extract_frames import main as extract_main
+    from pipeline.stages.fetch_data import main as fetch_main
+    from pipeline.stages.split_folds import main as split_main
     from tests.conftest import PROJECT_ROOT
 
     params = yaml.safe_load((PROJECT_ROOT / "params.yaml").read_text())

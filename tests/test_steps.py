@@ -1,4 +1,4 @@
-"""The training step, eager and as a CUDA graph (``train.cuda_graph``, ``pipeline/steps.py``).
+"""The training step, eager and as a CUDA graph (``train.cuda_graph``, ``pipeline/training/steps.py``).
 
 On the CPU: the learning rate set in place reaches Adam's update, the graph step refuses an
 optimizer it could not replay, ``train.cuda_graph`` leaves CPU training exactly as it was, the
@@ -17,9 +17,16 @@ import pytest
 import torch
 from torch import nn
 
-import pipeline.steps as steps
-from pipeline.config import ConfigError
-from pipeline.steps import CudaGraphStep, current_lr, make_adam, precision, set_lr, small_net
+import pipeline.training.steps as steps
+from pipeline.core.config import ConfigError
+from pipeline.training.steps import (
+    CudaGraphStep,
+    current_lr,
+    make_adam,
+    precision,
+    set_lr,
+    small_net,
+)
 from tests.conftest import make_tiny_project
 from tests.test_resume import one_thread  # noqa: F401 (fixture)
 
@@ -54,7 +61,7 @@ def test_graph_step_refuses_an_optimizer_that_is_not_capturable():
 def test_cuda_graph_key_leaves_cpu_training_unchanged(tmp_path, monkeypatch, caplog, one_thread):
     """``train.cuda_graph: true`` on a CPU trains with the same eager steps: same history and
     test probabilities, bit for bit, as the key off."""
-    from pipeline.train import run
+    from pipeline.stages.train import run
 
     outputs = {}
     for flag in (False, True):
@@ -63,7 +70,7 @@ def test_cuda_graph_key_leaves_cpu_training_unchanged(tmp_path, monkeypatch, cap
         params = make_tiny_project(root, epochs=2)
         params["train"]["cuda_graph"] = flag
         monkeypatch.chdir(root)
-        with caplog.at_level("INFO", logger="pipeline.train"):
+        with caplog.at_level("INFO", logger="pipeline.stages.train"):
             run(params, "mini_covidnet", "ce", [0])
         fold = root / "models" / "mini_covidnet-ce" / "fold_0"
         metrics = json.loads((fold / "metrics.json").read_text())
@@ -76,7 +83,7 @@ def test_cuda_graph_key_leaves_cpu_training_unchanged(tmp_path, monkeypatch, cap
 
 
 def test_throughput_records_eager_steps_on_cpu():
-    from pipeline.config import apply_overrides, compose
+    from pipeline.core.config import apply_overrides, compose
     from pipeline.throughput import measure, step_kind
 
     params = apply_overrides(compose(["experiment=paper"]),
@@ -105,7 +112,7 @@ def test_amp_and_channels_last_apply_on_cuda_and_on_a_cpu_only_when_asked(monkey
 
 @pytest.mark.skipif(not steps.cpu_bf16_supported(), reason="this CPU has no native bf16")
 def test_cpu_amp_trains_a_fold_in_bf16_and_channels_last_and_records_it(tmp_path, monkeypatch, one_thread):
-    from pipeline.train import run
+    from pipeline.stages.train import run
 
     outputs = {}
     for flag in (False, True):
@@ -128,7 +135,7 @@ def test_cpu_amp_trains_a_fold_in_bf16_and_channels_last_and_records_it(tmp_path
 @pytest.mark.gpu
 @cuda
 def test_graph_replay_trains_to_the_same_weights_as_eager_steps():
-    from pipeline.steps import main, parity_check
+    from pipeline.training.steps import main, parity_check
 
     torch.backends.cudnn.deterministic = True
     r = parity_check(torch.device("cuda"))
@@ -143,7 +150,7 @@ def test_graph_replay_trains_to_the_same_weights_as_eager_steps():
 @pytest.mark.gpu
 @cuda
 def test_a_fold_trains_with_its_steps_captured(tmp_path, monkeypatch):
-    from pipeline.train import run
+    from pipeline.stages.train import run
 
     params = make_tiny_project(tmp_path, epochs=3)
     params["train"].update(device="cuda", amp=True, channels_last=True, cuda_graph=True)

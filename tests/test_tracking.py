@@ -20,10 +20,9 @@ from pathlib import Path
 import pytest
 import yaml
 
-from pipeline.config import compose
-from pipeline.tracking import TrackingError
-from tests.conftest import PROJECT_ROOT
-from tests.conftest import make_tiny_project
+from pipeline.core.config import compose
+from pipeline.core.tracking import TrackingError
+from tests.conftest import PROJECT_ROOT, make_tiny_project
 from tests.test_resume import TRAIN_CMD, _env
 
 FORBIDDEN = ("/root", "/home/", "password", "token")
@@ -73,16 +72,16 @@ def fast_sqlite_failure(monkeypatch):
     import filelock
     import mlflow.store.db.utils
 
-    import pipeline.tracking
+    import pipeline.core.tracking
 
     monkeypatch.setattr(mlflow.store.db.utils, "MAX_RETRY_COUNT", 1)
-    monkeypatch.setattr(pipeline.tracking, "FileLock",
+    monkeypatch.setattr(pipeline.core.tracking, "FileLock",
                         lambda path, timeout=-1: filelock.FileLock(path, timeout=min(timeout, 1)),
                         raising=False)
 
 
 def train(project: Path, params: dict, monkeypatch, folds: list[int]) -> dict:
-    from pipeline.train import run
+    from pipeline.stages.train import run
 
     with monkeypatch.context() as m:
         m.chdir(project)
@@ -98,7 +97,7 @@ def _store(kind: str, tmp_path: Path) -> str:
 def test_broken_store_skips_tracking_but_not_training(tmp_path, monkeypatch, caplog,
                                                       fast_http_failure, fast_sqlite_failure, kind):
     params = make_tiny_project(tmp_path, epochs=1, tracking_uri=_store(kind, tmp_path))
-    with caplog.at_level(logging.WARNING, logger="pipeline.tracking"):
+    with caplog.at_level(logging.WARNING, logger="pipeline.core.tracking"):
         train(tmp_path, params, monkeypatch, [0])
     cell = tmp_path / "models" / "mini_covidnet-ce"
     for name in ("fold_0/best.pt", "fold_0/metrics.json", "fold_0/test_predictions.csv",
@@ -153,7 +152,7 @@ def test_unreachable_server_costs_seconds_and_says_so_once(tmp_path, monkeypatch
 
 
 def test_required_but_unreachable_is_one_error_line(tmp_path):
-    """``python -m pipeline.train`` with tracking.required and the server down: exit 2, one
+    """``python -m pipeline.stages.train`` with tracking.required and the server down: exit 2, one
     ``error:`` line naming the URI, the key and the fix, no traceback, no training."""
     uri = f"http://127.0.0.1:{closed_port()}"
     make_tiny_project(tmp_path, epochs=1, tracking_uri=uri, required=True)
@@ -180,7 +179,7 @@ def test_hung_server_is_bounded_by_the_configured_retries_and_timeout(mlflow_htt
     """A server that accepts connections but never answers: each MLflow request waits
     tracking.timeout_s, retried tracking.max_retries times, then tracking is skipped; with the
     defaults of conf/config.yaml that stays under 15 s (MLflow's own: 7 x 120 s + backoff)."""
-    from pipeline.tracking import Tracker
+    from pipeline.core.tracking import Tracker
 
     cfg = compose([])["tracking"] if limits == "defaults" else dict(limits)
     attempts = cfg["max_retries"] + 1
@@ -200,7 +199,7 @@ def test_hung_server_is_bounded_by_the_configured_retries_and_timeout(mlflow_htt
 
 
 def test_read_only_store_fails_fast(tmp_path):
-    code = ("from pipeline.tracking import Tracker; "
+    code = ("from pipeline.core.tracking import Tracker; "
             f"t = Tracker({{'uri': {read_only_sqlite(tmp_path)!r}, 'experiment': 'x'}}); "
             "assert not t.enabled")
     # 30 s: the imports (slow on a loaded machine) plus a prompt failure, far below 100 s.
@@ -217,7 +216,7 @@ def test_store_failing_mid_run_is_survived(tmp_path, monkeypatch, caplog):
         raise OSError(28, "No space left on device")
 
     monkeypatch.setattr(mlflow, "log_metrics", full_disk)  # the store works until the 1st epoch
-    with caplog.at_level(logging.WARNING, logger="pipeline.tracking"):
+    with caplog.at_level(logging.WARNING, logger="pipeline.core.tracking"):
         train(tmp_path, params, monkeypatch, [0])
     info = json.loads((tmp_path / "models" / "mini_covidnet-ce" / "run.json").read_text())
     assert info["mlflow"] == {"enabled": False,

@@ -10,9 +10,9 @@ import pytest
 import torch
 import yaml
 
-from pipeline.config import ConfigError
-from pipeline.data import FrameStore, decode_frames, resize_square
-from pipeline.train import lr_milestones, milestones_passed
+from pipeline.core.config import ConfigError
+from pipeline.data.loading import FrameStore, decode_frames, resize_square
+from pipeline.stages.train import lr_milestones, milestones_passed
 from tests.conftest import make_tiny_project
 from tests.test_resume import _train_in_process
 

@@ -25,7 +25,7 @@ import numpy as np
 import pandas as pd
 from PIL import Image, UnidentifiedImageError
 
-from pipeline.files import sha256_file
+from pipeline.core.files import sha256_file
 
 HASH_SIZE = 16  # pHash of a 16 x 16 DCT block: 256 bits
 METHODS = ("off", "exact", "perceptual")

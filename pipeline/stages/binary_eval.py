@@ -16,8 +16,8 @@ thresholds (the study's 0.15/0.20/0.25/0.30), and two operating points at a targ
   validation predictions the held-out point is reported as unavailable, never estimated.
 
 Every figure at every threshold and both points, and the AUC, get a 95% percentile interval from
-:func:`pipeline.metrics.patient_bootstrap` (whole patients resampled, seeded by ``seed``;
-statistic :class:`pipeline.metrics.BinaryFigures`); the study's Wald intervals
+:func:`pipeline.evaluation.metrics.patient_bootstrap` (whole patients resampled, seeded by ``seed``;
+statistic :class:`pipeline.evaluation.metrics.BinaryFigures`); the study's Wald intervals
 (``z * sqrt(p (1 - p) / N)`` over images) stay beside them for comparison with the paper. Also
 the ROC with both points and the predicted-score histogram per subgroup (the manifest's
 ``finding`` column, else the true class). The t-SNE of penultimate features is optional
@@ -50,10 +50,10 @@ import pandas as pd  # noqa: E402
 import torch  # noqa: E402
 from sklearn.metrics import roc_auc_score  # noqa: E402
 
-from pipeline.config import ConfigError, get, load_params  # noqa: E402
-from pipeline.metrics import BINARY_FIGURES, BinaryFigures, patient_bootstrap  # noqa: E402
+from pipeline.core.config import ConfigError, get, load_params  # noqa: E402
+from pipeline.evaluation.metrics import BINARY_FIGURES, BinaryFigures, patient_bootstrap  # noqa: E402
 
-log = logging.getLogger("pipeline.binary_eval")
+log = logging.getLogger("pipeline.stages.binary_eval")
 
 DEFAULT_THRESHOLDS = (0.15, 0.20, 0.25, 0.30)
 DEFAULTS = {"thresholds": list(DEFAULT_THRESHOLDS), "target_sensitivity": 0.973, "z": 1.96,
@@ -507,8 +507,8 @@ def read_val_predictions(cell_dir: Path, folds: Sequence[int]) -> pd.DataFrame |
 
 def _tsne_cell(cell_dir: Path, preds: pd.DataFrame, frames_dir: Path, cfg: Mapping, seed: int,
                out_png: Path) -> None:
-    from pipeline.checkpoint import load_model
-    from pipeline.data import decode_frames
+    from pipeline.data.loading import decode_frames
+    from pipeline.models.checkpoint import load_model
 
     fold = int(cfg["tsne_fold"])
     part = preds[preds["fold"] == fold]

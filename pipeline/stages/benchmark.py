@@ -5,7 +5,7 @@ Timed, each at every ``benchmark.threads`` count (``all`` = the machine's cores)
 - PyTorch eager on the host CPU, and on CUDA when a GPU is visible;
 - every exported file of fold ``benchmark.fold`` (``export`` stage outputs) with its own runtime
   (ONNX Runtime, LiteRT interpreter), each file in a fresh process running
-  ``pipeline/edge_runner.py``, so the peak RSS recorded is that runtime's alone;
+  ``pipeline/deploy/edge_runner.py``, so the peak RSS recorded is that runtime's alone;
 - optionally the same files on a remote device over SSH (``benchmark.remote``): the files and
   ``edge_runner.py`` are copied there and run by the device's Python (which needs only numpy +
   onnxruntime and/or ai-edge-litert / tflite-runtime), for the paper's Raspberry Pi / Jetson rows.
@@ -13,7 +13,7 @@ Timed, each at every ``benchmark.threads`` count (``all`` = the machine's cores)
 Every record carries where it ran (CPU model, cores, runtime versions). Timings vary from run to
 run on a shared machine: compare numbers from one report only.
 
-    python -m pipeline.benchmark --run-dir models/mini_covidnet-ce \\
+    python -m pipeline.stages.benchmark --run-dir models/mini_covidnet-ce \\
         --out reports/benchmark/mini_covidnet-ce.json
 """
 
@@ -33,10 +33,10 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from pipeline import edge_runner
-from pipeline.export import FILE_NAMES, FORMATS
+from pipeline.deploy import edge_runner
+from pipeline.deploy.formats import FILE_NAMES, FORMATS
 
-log = logging.getLogger("pipeline.benchmark")
+log = logging.getLogger("pipeline.stages.benchmark")
 
 RUNNER = Path(edge_runner.__file__).resolve()
 DEFAULTS = {"fold": 0, "formats": list(FORMATS), "torch": True, "cuda": True, "runs": 50,
@@ -78,7 +78,7 @@ class RemoteTarget:
         fields = {f.name for f in dataclasses.fields(cls)}
         unknown = sorted(set(cfg) - fields)
         if unknown:
-            from pipeline.config import ConfigError
+            from pipeline.core.config import ConfigError
             raise ConfigError(f"unknown key(s) benchmark.remote.{unknown} "
                               f"(valid: {sorted(fields)})")
         return cls(**cfg)
@@ -244,7 +244,7 @@ def benchmark_torch(model: nn.Module, image_size: int, threads: Sequence[int] = 
 
 def benchmark_config(params: Mapping) -> dict:
     """The ``benchmark`` params group with defaults filled in and its keys checked."""
-    from pipeline.config import ConfigError
+    from pipeline.core.config import ConfigError
 
     cfg = dict(params.get("benchmark") or {})
     unknown = sorted(set(cfg) - set(DEFAULTS))
@@ -269,7 +269,7 @@ def benchmark_run(model: nn.Module, image_size: int, export_dir: str | Path, cfg
     Returns:
         ``{"host": device_info, "complexity": {...}, "records": [...]}``.
     """
-    from pipeline.complexity import complexity
+    from pipeline.models.complexity import complexity
 
     export_dir = Path(export_dir)
     files = {fmt: export_dir / FILE_NAMES[fmt] for fmt in cfg["formats"]}
@@ -308,8 +308,8 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser.add_argument("--export-dir", help="the run's exports (default: exports/<model>-<loss>)")
     args = parser.parse_args(argv)
 
-    from pipeline.checkpoint import load_model
-    from pipeline.config import load_params
+    from pipeline.core.config import load_params
+    from pipeline.models.checkpoint import load_model
 
     cfg = benchmark_config(load_params(args.params))
     run_dir = Path(args.run_dir)
@@ -325,6 +325,6 @@ def main(argv: Sequence[str] | None = None) -> None:
 
 
 if __name__ == "__main__":
-    from pipeline.cli import run_main
+    from pipeline.core.cli import run_main
 
     run_main(main)

@@ -11,18 +11,22 @@ from __future__ import annotations
 
 import json
 import logging
-import sys
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 
 import pandas as pd
 from sklearn.metrics import roc_curve
 
-from pipeline.config import get, load_params
-from pipeline.metrics import (aggregate_videos, mcnemar_test, paired_bootstrap_difference,
-                              patient_bootstrap, summarize_folds)
+from pipeline.core.config import get, load_params
+from pipeline.evaluation.metrics import (
+    aggregate_videos,
+    mcnemar_test,
+    paired_bootstrap_difference,
+    patient_bootstrap,
+    summarize_folds,
+)
 
-log = logging.getLogger("pipeline.evaluate")
+log = logging.getLogger("pipeline.stages.evaluate")
 
 
 def cells(params: Mapping) -> list[str]:
@@ -114,6 +118,6 @@ def main(argv: Sequence[str] | None = None) -> None:
 
 
 if __name__ == "__main__":
-    from pipeline.cli import run_main
+    from pipeline.core.cli import run_main
 
     run_main(main)

@@ -30,9 +30,9 @@ from collections.abc import Iterable
 
 import torch
 
-from pipeline.config import ConfigError
+from pipeline.core.config import ConfigError
 
-log = logging.getLogger("pipeline.steps")
+log = logging.getLogger("pipeline.training.steps")
 
 
 def cpu_bf16_supported() -> bool:
@@ -116,7 +116,7 @@ class CudaGraphStep:
                  warmup: int = 3) -> None:
         if not all(g.get("capturable") for g in optimizer.param_groups):
             raise ValueError("CudaGraphStep needs an optimizer built with capturable=True "
-                             "(pipeline.steps.make_adam(..., cuda_graph=True))")
+                             "(pipeline.training.steps.make_adam(..., cuda_graph=True))")
         self.model, self.loss_fn, self.optimizer = model, loss_fn, optimizer
         self.batch_size, self.amp, self.warmup = batch_size, amp, warmup
         self.graph: torch.cuda.CUDAGraph | None = None
@@ -213,7 +213,7 @@ def parity_check(device: torch.device, sizes: tuple[int, ...] = (16,) * 6 + (5,)
 
 
 def main(argv: list[str] | None = None) -> int:
-    """``python -m pipeline.steps --check``: run :func:`parity_check` on the GPU; exit 1 unless
+    """``python -m pipeline.training.steps --check``: run :func:`parity_check` on the GPU; exit 1 unless
     the step was captured and replays train to the eager weights (within 1e-5)."""
     import argparse
     import json
@@ -234,6 +234,6 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    from pipeline.cli import run_main
+    from pipeline.core.cli import run_main
 
     run_main(main)

@@ -1,4 +1,4 @@
-"""Stage ``audit``: the leakage check that training requires. ``python -m pipeline.audit``.
+"""Stage ``audit``: the leakage check that training requires. ``python -m pipeline.stages.audit``.
 
 Checks, from the frame manifest and the splits table (paths from ``params.yaml``), that in no
 fold a patient, a source file, or a copy of a frame is on two sides: train vs test, train vs
@@ -7,7 +7,7 @@ validation, and validation vs test unless the validation is the test fold by des
 manifest, not from the splits' own copy, so a splits table that misnames a patient cannot hide
 a leak; any disagreement is an error.
 
-Copies are found with the hashes of :mod:`pipeline.duplicates`, the ones ``split_folds`` links
+Copies are found with the hashes of :mod:`pipeline.data.duplicates`, the ones ``split_folds`` links
 patients with: a byte-identical frame on two sides is always a leak; a perceptual near-duplicate
 (pHash within ``folds.link_duplicates.threshold``) of another patient is a leak when the folds
 promise to link such copies (``method: perceptual``), and a warning otherwise.
@@ -28,12 +28,12 @@ from pathlib import Path
 
 import pandas as pd
 
-from pipeline.cli import run_main
-from pipeline.config import get, load_params
-from pipeline.duplicates import cross_patient_pairs, frame_hashes
-from pipeline.files import audit_inputs
+from pipeline.core.cli import run_main
+from pipeline.core.config import get, load_params
+from pipeline.core.files import audit_inputs
+from pipeline.data.duplicates import cross_patient_pairs, frame_hashes
 
-log = logging.getLogger("pipeline.audit")
+log = logging.getLogger("pipeline.stages.audit")
 
 SIDES = ("train", "val", "test")
 MAX_LISTED = 200  # items listed per finding; the counts are always complete
@@ -90,7 +90,7 @@ def find_leaks(frames: pd.DataFrame, splits: pd.DataFrame, copies: pd.DataFrame,
         frames: used frames with ``frame, source, patient`` (patients from the manifest).
         splits: ``fold, source, split`` rows.
         copies: the frame pairs of different patients that count as copies
-            (:func:`pipeline.duplicates.cross_patient_pairs`).
+            (:func:`pipeline.data.duplicates.cross_patient_pairs`).
     """
     leaks = []
     patient_of = frames.drop_duplicates("source").set_index("source")["patient"]
@@ -193,7 +193,7 @@ def verdict(report: dict, link_method: str, report_path: str | Path) -> str:
 
 def main(argv: Sequence[str] | None = None) -> int:
     """CLI entry point; returns the exit status (1 on any leak or error)."""
-    parser = argparse.ArgumentParser(prog="python -m pipeline.audit", description=__doc__.split("\n")[0])
+    parser = argparse.ArgumentParser(prog="python -m pipeline.stages.audit", description=__doc__.split("\n")[0])
     parser.add_argument("--params", default="params.yaml")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")

@@ -22,11 +22,11 @@ import pandas as pd
 import torch
 import torch.nn.functional as F
 
-from pipeline.cli import UserError
-from pipeline.config import get, load_params
-from pipeline.files import audit_inputs
+from pipeline.core.cli import UserError
+from pipeline.core.config import get, load_params
+from pipeline.core.files import audit_inputs
 
-log = logging.getLogger("pipeline.data")
+log = logging.getLogger("pipeline.data.loading")
 
 CACHE_DIR = Path(".cache/frames")
 
@@ -150,7 +150,7 @@ def audited_splits(params: Mapping) -> pd.DataFrame:
     """
     report_path = Path(get(params, "audit.report"))
     splits_path = Path(get(params, "folds.dir")) / "splits.csv"
-    fix = "run `dvc repro audit` (or `python -m pipeline.audit`) and resolve what it reports"
+    fix = "run `dvc repro audit` (or `python -m pipeline.stages.audit`) and resolve what it reports"
     if not report_path.is_file():
         raise AuditError(f"{splits_path} has no leakage audit ({report_path} not found): {fix}")
     report = json.loads(report_path.read_text())

@@ -1,6 +1,6 @@
 """Stage ``train``: one (model, loss) cell of the grid, trained on every fold.
 
-``python -m pipeline.train model=mini_covidnet loss=focal [fold=0] [train.epochs=3 ...]`` reads the
+``python -m pipeline.stages.train model=mini_covidnet loss=focal [fold=0] [train.epochs=3 ...]`` reads the
 composed ``params.yaml`` (so ``dvc exp run -S`` overrides reach it) and applies any further
 ``key=value`` overrides to existing keys. Writes, under ``models/<model>-<loss>/``:
 ``fold_<k>/best.pt`` (best validation loss), ``fold_<k>/history.csv``,
@@ -29,16 +29,30 @@ import numpy as np
 import pandas as pd
 import torch
 
-from pipeline.checkpoint import save_checkpoint
-from pipeline.cli import run_main
-from pipeline.config import ConfigError, apply_overrides, get, load_params, select_run
-from pipeline.data import (FrameStore, audited_splits, augment_batch, fold_frames,
-                           interpolation_of, subsample_per_source, used_frames)
-from pipeline.steps import (CudaGraphStep, current_lr, lr_to_device, make_adam, optimize_step,
-                            precision, set_lr)
-from pipeline.tracking import Tracker, standard_tags
+from pipeline.core.cli import run_main
+from pipeline.core.config import ConfigError, apply_overrides, get, load_params, select_run
+from pipeline.core.tracking import Tracker, standard_tags
+from pipeline.data.loading import (
+    FrameStore,
+    audited_splits,
+    augment_batch,
+    fold_frames,
+    interpolation_of,
+    subsample_per_source,
+    used_frames,
+)
+from pipeline.models.checkpoint import save_checkpoint
+from pipeline.training.steps import (
+    CudaGraphStep,
+    current_lr,
+    lr_to_device,
+    make_adam,
+    optimize_step,
+    precision,
+    set_lr,
+)
 
-log = logging.getLogger("pipeline.train")
+log = logging.getLogger("pipeline.stages.train")
 
 RESUME_DIR = Path(".cache/resume")
 
@@ -137,8 +151,8 @@ def prediction_table(part: pd.DataFrame, fold: int, probs: np.ndarray,
 def train_fold(params: Mapping, model_name: str, loss_name: str, fold: int, store: FrameStore,
                splits: pd.DataFrame, out_dir: Path, tracker: Tracker) -> pd.DataFrame:
     """Train one fold; write its checkpoint, history and test predictions; return the latter."""
-    from pipeline.losses import build_loss
-    from pipeline.models import build_model
+    from pipeline.models.zoo import build_model
+    from pipeline.training.losses import build_loss
 
     tcfg = get(params, "train")
     classes = list(get(params, "dataset.classes"))
@@ -288,7 +302,7 @@ def train_fold(params: Mapping, model_name: str, loss_name: str, fold: int, stor
             table.to_csv(fold_dir / f"{split}_predictions.csv", index=False)
         preds = tables["test"]
 
-        from pipeline.metrics import classification_metrics, metrics_to_flat
+        from pipeline.evaluation.metrics import classification_metrics, metrics_to_flat
 
         m = classification_metrics(preds["y_true"].to_numpy(), preds["y_pred"].to_numpy(),
                                    probs["test"], classes)
@@ -313,7 +327,7 @@ def summarize_cell(out_dir: Path, folds: Sequence[int], classes: Sequence[str]) 
     """Join the folds' test predictions into ``predictions.csv`` and write the cell's
     ``metrics.json`` (what ``dvc exp show`` lists). Also used to collect folds trained in
     separate processes (e.g. in parallel on one GPU)."""
-    from pipeline.metrics import summarize_folds
+    from pipeline.evaluation.metrics import summarize_folds
 
     preds = pd.concat([pd.read_csv(out_dir / f"fold_{k}" / "test_predictions.csv",
                                    dtype={"patient": str}) for k in folds], ignore_index=True)
@@ -334,7 +348,7 @@ def summarize_cell(out_dir: Path, folds: Sequence[int], classes: Sequence[str]) 
 def run(params: Mapping, model_name: str, loss_name: str, folds: Sequence[int],
         out_root: Path = Path("models")) -> dict:
     """Train the given folds of one grid cell; write the cell's predictions and metrics."""
-    from pipeline.models import describe_init
+    from pipeline.models.zoo import describe_init
 
     model_cfg, loss_cfg = select_run(params, model_name, loss_name)
     ds, fcfg, tcfg = get(params, "dataset"), get(params, "folds"), get(params, "train")
@@ -398,7 +412,7 @@ def parse_args(argv: Sequence[str]) -> tuple[str, str, list[int] | None, list[st
         else:
             rest.append(arg)
     if not model or not loss:
-        raise ConfigError("usage: python -m pipeline.train model=<name> loss=<name> [fold=K[,K]] "
+        raise ConfigError("usage: python -m pipeline.stages.train model=<name> loss=<name> [fold=K[,K]] "
                           "[key.path=value ...]")
     return model, loss, folds, rest
 

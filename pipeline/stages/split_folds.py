@@ -2,7 +2,7 @@
 
 Frames of one video are near-duplicates and one patient may have several videos, so every split
 is made over split groups, stratified by class. A split group is one patient, or several whose
-ids share copies of one image (``folds.link_duplicates``, :mod:`pipeline.duplicates`): no copy
+ids share copies of one image (``folds.link_duplicates``, :mod:`pipeline.data.duplicates`): no copy
 can then sit on two sides of a fold. Each fold's validation set (early stopping, best weights)
 comes from that fold's training groups, chosen among seeded candidates so that it covers every
 class and keeps each class's share of frames close to its share in training. The study's own
@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import json
 import logging
-import sys
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 
@@ -28,11 +27,17 @@ import numpy as np
 import pandas as pd
 from sklearn.model_selection import StratifiedGroupKFold
 
-from pipeline.cli import UserError, run_main
-from pipeline.config import ConfigError, get, load_params
-from pipeline.duplicates import METHODS, cross_patient_pairs, frame_hashes, link_groups, linked_groups
+from pipeline.core.cli import UserError, run_main
+from pipeline.core.config import ConfigError, get, load_params
+from pipeline.data.duplicates import (
+    METHODS,
+    cross_patient_pairs,
+    frame_hashes,
+    link_groups,
+    linked_groups,
+)
 
-log = logging.getLogger("pipeline.split_folds")
+log = logging.getLogger("pipeline.stages.split_folds")
 
 SIDES = ("train", "val", "test")
 SPLIT_COLUMNS = ["fold", "source", "patient", "group", "class", "label", "frames", "split"]
@@ -134,7 +139,7 @@ def make_splits(manifest: pd.DataFrame, cfg: Mapping, groups: Mapping[str, str] 
     """One row per (fold, source file): its patient, group, class, frame count and split role.
 
     Args:
-        groups: split group of each patient (:func:`pipeline.duplicates.link_groups`); None =
+        groups: split group of each patient (:func:`pipeline.data.duplicates.link_groups`); None =
             every patient its own group.
 
     Returns:

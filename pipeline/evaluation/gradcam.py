@@ -2,13 +2,13 @@
 
 For every class, a few test frames of that class are taken from the run's
 ``fold_<k>/test_predictions.csv`` (frames of different videos first), and Grad-CAM
-(``pytorch_grad_cam.GradCAM`` on :func:`pipeline.models.gradcam_target_layer`, for the TRUE class)
+(``pytorch_grad_cam.GradCAM`` on :func:`pipeline.models.zoo.gradcam_target_layer`, for the TRUE class)
 is computed with the model of the fold that held the frame out, so every map comes from a model
 that never saw the frame. The grid has one row per class and one column per example; each cell is
 the frame with its heat map, titled with the true and predicted class and the predicted class's
 probability (red when wrong).
 
-    python -m pipeline.gradcam --run-dir models/mini_covidnet-ce \
+    python -m pipeline.evaluation.gradcam --run-dir models/mini_covidnet-ce \
         --out reports/figures/gradcam_mini_covidnet-ce.png [--frames-per-class 4]
 
 Models whose Grad-CAM layer gives no spatial map get the plain frame and a note instead of a
@@ -30,9 +30,9 @@ import pandas as pd
 import torch
 from torch import nn
 
-from pipeline.cli import UserError
+from pipeline.core.cli import UserError
 
-log = logging.getLogger("pipeline.gradcam")
+log = logging.getLogger("pipeline.evaluation.gradcam")
 
 PREDICTION_FILE = "test_predictions.csv"
 
@@ -67,11 +67,11 @@ def compute_cams(model: nn.Module, images: np.ndarray | torch.Tensor,
     """Grad-CAM maps of a batch, each for its own target class.
 
     Args:
-        model: A model from :func:`pipeline.models.build_model` (or ``load_model``); put in eval
+        model: A model from :func:`pipeline.models.zoo.build_model` (or ``load_model``); put in eval
             mode.
         images: ``N x 3 x S x S`` RGB, uint8 (0-255) or float in [0, 1].
         targets: Class index per image (the logit whose gradient weights the channels).
-        layer: Target layer; default :func:`pipeline.models.gradcam_target_layer`.
+        layer: Target layer; default :func:`pipeline.models.zoo.gradcam_target_layer`.
 
     Returns:
         ``N x S x S`` float32 maps, each min-max normalised to [0, 1] (all zeros when no location
@@ -84,7 +84,7 @@ def compute_cams(model: nn.Module, images: np.ndarray | torch.Tensor,
     from pytorch_grad_cam import GradCAM
     from pytorch_grad_cam.utils.model_targets import ClassifierOutputTarget
 
-    from pipeline.models import gradcam_target_layer
+    from pipeline.models.zoo import gradcam_target_layer
 
     if layer is None:
         layer = gradcam_target_layer(model)
@@ -177,8 +177,8 @@ def _read_rgb(path: Path) -> np.ndarray:
 
 
 def _model_input(rgb: np.ndarray, image_size: int, interpolation: str = "area") -> np.ndarray:
-    # The same square resize as pipeline.data.decode_frames (training's input).
-    from pipeline.data import resize_square
+    # The same square resize as pipeline.data.loading.decode_frames (training's input).
+    from pipeline.data.loading import resize_square
 
     return resize_square(rgb, image_size, interpolation).transpose(2, 0, 1)
 
@@ -210,7 +210,7 @@ def gradcam_grid(run_dir: str | Path, frames_per_class: int = 4, out_png: str | 
     """
     from matplotlib.figure import Figure
 
-    from pipeline.checkpoint import load_model
+    from pipeline.models.checkpoint import load_model
 
     run_dir, frames_dir = Path(run_dir), Path(frames_dir)
     out_png = Path(out_png) if out_png else Path("reports/figures") / f"gradcam_{run_dir.name}.png"
@@ -294,12 +294,12 @@ def gradcam_grid(run_dir: str | Path, frames_per_class: int = 4, out_png: str | 
 
 # --------------------------------------------------------------------------- CLI
 def main(argv: Sequence[str] | None = None) -> int:
-    """``python -m pipeline.gradcam --run-dir models/X --out reports/figures/gradcam_X.png``.
+    """``python -m pipeline.evaluation.gradcam --run-dir models/X --out reports/figures/gradcam_X.png``.
 
     Returns:
         0 on success, 2 when an input is missing (message on stderr).
     """
-    parser = argparse.ArgumentParser(prog="python -m pipeline.gradcam",
+    parser = argparse.ArgumentParser(prog="python -m pipeline.evaluation.gradcam",
                                      description="Grad-CAM grid of a trained run's test frames.")
     parser.add_argument("--run-dir", help="models/<model>-<loss> (default: the first grid cell "
                                           "of params.yaml)")
@@ -313,7 +313,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     params: Mapping = {}
     if Path(args.params).is_file():
-        from pipeline.config import load_params
+        from pipeline.core.config import load_params
 
         params = load_params(args.params)
     try:
@@ -337,6 +337,6 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    from pipeline.cli import run_main
+    from pipeline.core.cli import run_main
 
     run_main(main)

@@ -2,7 +2,7 @@
 
 Each adapter turns one on-disk layout into frame images (8-bit, 3 channels, longer side capped
 at ``dataset.frame_max_side``) and a manifest with the columns of
-:data:`pipeline.extract_frames.MANIFEST_COLUMNS` (one row per image; ``source`` = the image,
+:data:`pipeline.data.frames.MANIFEST_COLUMNS` (one row per image; ``source`` = the image,
 ``kind`` = ``image``), plus optional columns: ``split`` (a dataset's fixed train/val/test split),
 ``finding`` (a subgroup for score histograms) and ``view``. Training, evaluation and the report
 then need no change; ``split_folds`` makes the folds (patient-grouped k-fold, or the
@@ -34,11 +34,12 @@ import cv2
 import numpy as np
 import pandas as pd
 
-from pipeline.cli import UserError
-from pipeline.config import ConfigError
-from pipeline.extract_frames import IMAGE_EXTS, MANIFEST_COLUMNS, strict_error, to_rgb8, too_small
+from pipeline.core.cli import UserError
+from pipeline.core.config import ConfigError
+from pipeline.data.frames import IMAGE_EXTS, MANIFEST_COLUMNS, strict_error, to_rgb8, too_small
+from pipeline.data.lus_videos import prepare_lus_videos
 
-log = logging.getLogger("pipeline.datasets")
+log = logging.getLogger("pipeline.data.sources")
 
 EXTRA_COLUMNS = ["split", "finding", "view"]
 SPLITS = ("train", "val", "test")
@@ -447,7 +448,8 @@ def prepare_medmnist_npz(raw_dir: Path, frames_dir: Path, ds: Mapping, strict: b
 # --------------------------------------------------------------------------------------------
 # Dispatch and fixed splits
 # --------------------------------------------------------------------------------------------
-PREPARERS: dict[str, Callable[[Path, Path, Mapping, bool], pd.DataFrame]] = {
+ADAPTERS: dict[str, Callable[[Path, Path, Mapping, bool], pd.DataFrame]] = {
+    "lus_videos": prepare_lus_videos,
     "image_manifest": prepare_image_manifest,
     "image_folders": prepare_image_folders,
     "medmnist_npz": prepare_medmnist_npz,
@@ -460,9 +462,9 @@ def prepare(kind: str, raw_dir: Path, frames_dir: Path, ds: Mapping, strict: boo
     Raises:
         ConfigError: unknown kind (the message lists the valid ones).
     """
-    if kind not in PREPARERS:
-        raise ConfigError(f"dataset.kind={kind!r} is not known; valid kinds: lus_videos, "
-                          f"{', '.join(sorted(PREPARERS))}")
-    return PREPARERS[kind](Path(raw_dir), Path(frames_dir), ds, strict)
+    if kind not in ADAPTERS:
+        raise ConfigError(f"dataset.kind={kind!r} is not known; valid kinds: "
+                          f"{', '.join(sorted(ADAPTERS))}")
+    return ADAPTERS[kind](Path(raw_dir), Path(frames_dir), ds, strict)
 
 

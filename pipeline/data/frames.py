@@ -1,20 +1,15 @@
-"""Stage ``extract_frames``: videos and still images -> frame images + a manifest.
+"""Frames from media files: decoding, the manifest, and the store the ``extract_frames`` stage builds.
 
 The study's rule (Mini-COVIDNet, after POCOVID-Net): keep every ``int(fps / rate_hz)``-th frame,
-at most ``max_frames`` per video; a still image is one frame. Every file under the media folders
-gets at least one manifest row: a row per frame kept, or one row saying why the file gave none
-(``excluded`` by the selection, or ``skipped`` because it could not be used), so no input file
-vanishes from the accounting.
+at most ``max_frames`` per video; a still image is one frame. Every input file gets at least one
+manifest row: a row per frame kept, or one row saying why the file gave none (``excluded`` by the
+selection, or ``skipped`` because it could not be used), so no input file vanishes from the
+accounting. Implausible inputs are ``excluded`` with the reason: frames with a side below
+``dataset.min_side`` pixels, and a "video" that decodes to a single frame.
 
-Implausible inputs are ``excluded`` with the reason, never used silently: an image or video
-whose frames have a side below ``dataset.min_side`` pixels, and a "video" that decodes to a single
-frame (a still image under a video name, e.g. a PNG renamed ``.mp4`` or a one-frame GIF).
-
-The stage writes its frames into ``<frames_dir>.partial`` and moves that into place, manifest
-included, only when it succeeds. When strict mode stops it, ``<frames_dir>`` holds only
-``manifest.csv``, accounting for every file: the problems (``skipped`` with the reason), the
-exclusions, and the files that were fine (``skipped``, "not written: ..."), so no later stage can
-take it for a finished store (it has no ``used`` row).
+:func:`build_store` writes a store into ``<frames_dir>.partial`` and moves it into place only when
+it succeeds; when strict mode stops it, ``<frames_dir>`` holds only ``manifest.csv`` with no
+``used`` row, so no later stage can take it for a finished store.
 """
 
 from __future__ import annotations
@@ -25,10 +20,9 @@ import math
 import multiprocessing
 import re
 import shutil
-import sys
 import time
 from collections import Counter
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from multiprocessing.connection import wait as wait_for_connections
 from pathlib import Path
@@ -37,10 +31,9 @@ import cv2
 import numpy as np
 import pandas as pd
 
-from pipeline.cli import UserError, run_main
-from pipeline.config import get, load_params
+from pipeline.core.cli import UserError
 
-log = logging.getLogger("pipeline.extract_frames")
+log = logging.getLogger("pipeline.data.frames")
 
 VIDEO_EXTS = {".mp4", ".mov", ".avi", ".mpeg", ".mpg", ".gif", ".m4v", ".webm", ".mkv"}
 IMAGE_EXTS = {".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp"}
@@ -237,116 +230,6 @@ def process_file(item: InputFile, raw_dir: str, out_dir: str, rate_hz: float, ma
     return res
 
 
-def patient_id(stem: str, metadata_patient: Mapping[str, str], rules: Sequence[Mapping]) -> str:
-    """Group id of a file: the metadata's patient id, else the first matching name rule, else
-    the file itself (one video = one patient, the safe default)."""
-    if stem in metadata_patient:
-        return metadata_patient[stem]
-    for rule in rules:
-        m = re.match(rule["pattern"], stem)
-        if m:
-            return "name:" + m.expand(rule["group"])
-    return "file:" + stem
-
-
-def read_metadata(path: Path, filename_col: str, patient_col: str, fps_col: str
-                  ) -> tuple[dict[str, str], dict[str, float]]:
-    """Patient ids and frame rates by file stem from the dataset's metadata CSV."""
-    if not path.is_file():
-        log.warning("no metadata file %s: patients come from file-name rules", path)
-        return {}, {}
-    meta = pd.read_csv(path, dtype=str)
-    for col in (filename_col, patient_col):
-        if col not in meta.columns:
-            raise ExtractionError(f"{path}: column '{col}' missing (columns: {list(meta.columns)})")
-    patients, fps = {}, {}
-    for _, row in meta.iterrows():
-        stem = str(row[filename_col]).strip()
-        pid = row[patient_col]
-        if isinstance(pid, str) and pid.strip():
-            pid = pid.strip()
-            pid = pid[:-2] if pid.endswith(".0") else pid
-            patients[stem] = f"meta:{pid}"
-        if fps_col in meta.columns:
-            try:
-                value = float(row[fps_col])
-                if math.isfinite(value) and value > 0:
-                    fps[stem] = value
-            except (TypeError, ValueError):
-                pass
-    return patients, fps
-
-
-def classify(stem: str, classes: Mapping[str, Sequence[str]], ignore: Sequence[str]) -> str | None:
-    """Class name from the file-name prefix; ``None`` for a known-but-unused prefix."""
-    for name, prefixes in classes.items():
-        if any(stem.startswith(p) for p in prefixes):
-            return name
-    if any(stem.startswith(p) for p in ignore):
-        return None
-    raise KeyError(stem)
-
-
-def inventory(raw_dir: Path, ds: Mapping) -> list[InputFile]:
-    """Every file under the media folders, with the selection's decision about each."""
-    classes = get(ds, "classes")
-    class_names = list(classes)
-    metadata_patient, metadata_fps = read_metadata(
-        raw_dir / ds["metadata"]["file"], ds["metadata"]["filename_column"],
-        ds["metadata"]["patient_column"], ds["metadata"]["fps_column"])
-    items = []
-    for folder, kind in ((ds["video_dir"], "video"), (ds["image_dir"], "image")):
-        root = raw_dir / folder
-        if not root.is_dir():
-            log.warning("media folder %s does not exist", root)
-            continue
-        for path in sorted(p for p in root.rglob("*") if p.is_file()):
-            rel = path.relative_to(raw_dir).as_posix()
-            sub = path.relative_to(root).parts
-            probe = sub[0] if len(sub) > 1 else ""
-            stem = path.stem
-            ext = path.suffix.lower()
-            real_kind = kind if ext in (VIDEO_EXTS if kind == "video" else IMAGE_EXTS) else (
-                "image" if ext in IMAGE_EXTS else "video" if ext in VIDEO_EXTS else "other")
-            item = InputFile(rel, real_kind, probe, patient=patient_id(
-                stem, metadata_patient, ds.get("patient_rules", [])), fps_hint=metadata_fps.get(stem))
-            if real_kind == "other":
-                item.excluded = f"not a video or image ({ext or 'no extension'})"
-            elif len(sub) > 2:
-                item.excluded = f"in sub-folder '{'/'.join(sub[1:-1])}' (e.g. label uncertain)"
-            elif probe not in ds["probes"]:
-                item.excluded = f"probe '{probe}' not selected (dataset.probes={list(ds['probes'])})"
-            elif real_kind == "image" and not ds["include_images"]:
-                item.excluded = "still images not selected (dataset.include_images=false)"
-            else:
-                try:
-                    cls = classify(stem, classes, ds.get("ignore_prefixes", []))
-                except KeyError:
-                    item.excluded = (f"file-name prefix maps to no class (classes: "
-                                     f"{dict(classes)}; ignored: {list(ds.get('ignore_prefixes', []))})")
-                    item.kind = "unlabelled:" + real_kind
-                else:
-                    if cls is None:
-                        item.excluded = "class not selected (dataset.ignore_prefixes)"
-                    else:
-                        item.cls, item.label = cls, class_names.index(cls)
-            items.append(item)
-    # Mismatches between metadata and files are legal but must be visible: a row without a file
-    # is ignored (the public repo lists videos it may not redistribute); a selected file without
-    # a row gets its patient from the name rules or is its own patient (prefix name:/file:).
-    stems = {Path(i.source).stem for i in items}
-    orphan_rows = sorted((set(metadata_patient) | set(metadata_fps)) - stems)
-    if orphan_rows:
-        log.info("%d metadata row(s) name no file under the media folders (ignored), e.g. %s",
-                 len(orphan_rows), orphan_rows[:5])
-    unlisted = [i for i in items if not i.excluded and Path(i.source).stem not in metadata_patient]
-    if unlisted and metadata_patient:
-        log.warning("%d selected file(s) have no patient in the metadata; patient from the "
-                    "file-name rules or the file itself: %s", len(unlisted),
-                    {i.source: i.patient for i in unlisted})
-    return items
-
-
 def _decode_child(conn, decode: Callable[..., Result], item: InputFile, args: tuple) -> None:
     """Body of a decoder process: decode one file and send its ``Result`` to the parent."""
     try:
@@ -380,7 +263,7 @@ def _decode_all(items: Sequence[InputFile], args: tuple, workers: int, timeout_s
     ctx = multiprocessing.get_context("forkserver")
     # Not this module itself: run as ``python -m`` it is re-executed in each child as
     # ``__mp_main__``, which warns (and runs its code twice) if it was preloaded.
-    ctx.set_forkserver_preload(["numpy", "cv2", "pandas", "pipeline.config"])
+    ctx.set_forkserver_preload(["numpy", "cv2", "pandas", "pipeline.core.config"])
     out_dir = Path(args[1])
     results: list[Result | None] = [None] * len(items)
     todo = list(range(len(items)))[::-1]
@@ -433,86 +316,6 @@ def _decode_all(items: Sequence[InputFile], args: tuple, workers: int, timeout_s
             proc.join()
             conn.close()
     return results  # type: ignore[return-value]
-
-
-def _frameless_row(item: InputFile, status: str, reason: str) -> dict:
-    """The manifest row of an input that gave no frame (excluded or skipped, with the reason)."""
-    return {"frame": "", "source": item.source, "class": item.cls, "label": item.label,
-            "probe": item.probe, "kind": item.kind, "patient": item.patient, "frame_index": "",
-            "time_s": "", "fps": "", "width": "", "height": "", "status": status, "reason": reason}
-
-
-def extract(raw_dir: Path, out_dir: Path, ds: Mapping, *, workers: int = 1,
-            strict: bool = True, decode: Callable[..., Result] = process_file) -> pd.DataFrame:
-    """Run the extraction over ``raw_dir`` and return the manifest (also for excluded files).
-
-    Each file is decoded in its own process within ``ds['decode_timeout_s']`` seconds (default
-    ``DEFAULT_DECODE_TIMEOUT_S``; null or 0: no limit); a file over the limit, or one that
-    crashes the decoder, is a problem like an unreadable one (skipped and recorded, or an error
-    in strict mode).
-
-    Args:
-        decode: the per-file decoder, ``process_file``; replaceable (a module-level function,
-            for pickling) so tests can stand in a decoder that hangs or crashes.
-
-    Raises:
-        ExtractionError: in strict mode, any selected file that gives no frame, or a selected
-            class that ends up empty; the message names the files and the fix.
-    """
-    items = inventory(raw_dir, ds)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    rows: list[dict] = []
-    problems: list[str] = []
-    selected = [i for i in items if not i.excluded]
-    # Frame names come from the path with its extension dropped and odd characters replaced:
-    # two files mapping to one name (Cov_x.mp4 + Cov_x.avi, "Cov x" + "Cov_x") would overwrite
-    # each other's frames silently; the later one is skipped and reported instead.
-    owner: dict[str, str] = {}
-    for item in list(selected):
-        name = _frame_name(item.source, 0)
-        if name in owner:
-            selected.remove(item)
-            item.excluded = (f"frame names collide with those of {owner[name]} (same path up to "
-                             f"extension/characters): rename one of the files")
-            item.kind = "unlabelled:" + item.kind  # recorded as skipped: a problem, not a choice
-        else:
-            owner[name] = item.source
-    for item in items:
-        if item.excluded:
-            kind = item.kind.removeprefix("unlabelled:")
-            status = "skipped" if item.kind.startswith("unlabelled:") else "excluded"
-            if status == "skipped":
-                problems.append(f"{item.source}: {item.excluded}")
-            rows.append({**_frameless_row(item, status, item.excluded), "class": item.cls or "",
-                         "label": -1 if status == "excluded" else item.label, "kind": kind})
-    args = (str(raw_dir), str(out_dir), float(ds["rate_hz"]), int(ds["max_frames"]),
-            ds.get("frame_max_side"), ds.get("min_side"))
-    timeout_s = ds.get("decode_timeout_s", DEFAULT_DECODE_TIMEOUT_S)
-    timeout_s = float(timeout_s) if timeout_s else None
-    results = _decode_all(selected, args, workers, timeout_s, decode)
-    implausible = []
-    for item, res in zip(selected, results):
-        if res.excluded or res.error:
-            status, reason = ("excluded", res.excluded) if res.excluded else ("skipped", res.error)
-            (implausible if res.excluded else problems).append(f"{item.source}: {reason}")
-            rows.append(_frameless_row(item, status, reason))
-        rows.extend(res.rows)
-    if implausible:
-        log.warning("excluded %d implausible input(s) (recorded in the manifest):\n  %s",
-                    len(implausible), "\n  ".join(implausible))
-    manifest = pd.DataFrame(rows, columns=MANIFEST_COLUMNS)
-    used = manifest[manifest.status == "used"]
-    for cls in get(ds, "classes"):
-        if not (used["class"] == cls).any():
-            problems.append(f"class '{cls}' has no frame after the selection "
-                            f"(probes={list(ds['probes'])}): widen the selection or drop the class")
-    check_accounting(items, manifest)
-    if problems:
-        msg = "\n  ".join(problems)
-        if strict:
-            raise strict_error(ExtractionError, problems, str(raw_dir), manifest)
-        log.warning("skipped %d input(s) (recorded in the manifest):\n  %s", len(problems), msg)
-    return manifest
 
 
 def strict_error(cls: type, problems: Sequence[str], where: str, manifest: pd.DataFrame):
@@ -592,31 +395,3 @@ def summary(manifest: pd.DataFrame) -> dict:
         "patients": int(used["patient"].nunique()),
         "files": {s: int(n) for s, n in manifest.drop_duplicates("source")["status"].value_counts().items()},
     }
-
-
-def main(argv: Sequence[str] | None = None) -> None:
-    import json
-
-    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
-    params = load_params()
-    ds = get(params, "dataset")
-    kind = ds.get("kind", "lus_videos")
-    raw_dir = Path(ds["raw_dir"])
-    Path(ds["frames_summary"]).unlink(missing_ok=True)  # no stale summary beside a failed run
-    if kind == "lus_videos":
-        def build(out_dir: Path) -> pd.DataFrame:
-            return extract(raw_dir, out_dir, ds, workers=int(ds["workers"]),
-                           strict=bool(ds["strict"]))
-    else:  # image datasets (chest X-ray folders, MedMNIST) produce the same manifest
-        from pipeline.datasets import prepare
-
-        def build(out_dir: Path) -> pd.DataFrame:
-            return prepare(kind, raw_dir, out_dir, ds, strict=bool(ds["strict"]))
-    manifest = build_store(Path(ds["frames_dir"]), build)
-    info = summary(manifest)
-    Path(ds["frames_summary"]).write_text(json.dumps(info, indent=2) + "\n")
-    log.info("frames: %s", info)
-
-
-if __name__ == "__main__":
-    run_main(main)

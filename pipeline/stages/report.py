@@ -22,10 +22,10 @@ import numpy as np  # noqa: E402
 import pandas as pd  # noqa: E402
 import yaml  # noqa: E402
 
-from pipeline.config import get, load_params  # noqa: E402
-from pipeline.tracking import git_revision  # noqa: E402
+from pipeline.core.config import get, load_params  # noqa: E402
+from pipeline.core.tracking import git_revision  # noqa: E402
 
-log = logging.getLogger("pipeline.report")
+log = logging.getLogger("pipeline.stages.report")
 
 
 def fmt(x: object, digits: int = 3) -> str:
@@ -445,8 +445,8 @@ def figures(evaluation: Mapping, out_dir: Path, plots_dir: Path, models_dir: Pat
 def load_runs(cells: Sequence[str], models_dir: Path, params: Mapping) -> dict[str, dict]:
     """Each cell's run record and metrics, with its model's parameter counts (from the trained
     checkpoint, or built from the config when only the predictions were kept)."""
-    from pipeline.checkpoint import load_model
-    from pipeline.models import build_model, count_parameters
+    from pipeline.models.checkpoint import load_model
+    from pipeline.models.zoo import build_model, count_parameters
 
     runs = {}
     for cell in cells:
@@ -538,7 +538,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     if tradeoff_figure(evaluation, benchmarks, get(params, "grid.losses")[0],
                        out / "figures" / "tradeoff.png"):
         figs.append("tradeoff.png")
-    from pipeline.gradcam import gradcam_grid
+    from pipeline.evaluation.gradcam import gradcam_grid
 
     skipped: list[str] = []
     for model in models:

@@ -12,7 +12,7 @@ Conventions, so the numbers compare with the paper's:
   forward pass and ``memory_bytes`` adds the weights: the Keras-style estimate (each layer's
   output kept, float32) behind "memory (MB)" columns. ``peak_activation_bytes`` is the largest
   input + output of a single layer: a lower bound of the working memory a runtime that frees
-  tensors needs. A runtime's real footprint is its peak RSS, measured by ``pipeline.benchmark``.
+  tensors needs. A runtime's real footprint is its peak RSS, measured by ``pipeline.stages.benchmark``.
 """
 
 from __future__ import annotations

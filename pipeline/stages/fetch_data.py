@@ -19,11 +19,11 @@ import zipfile
 from collections.abc import Sequence
 from pathlib import Path
 
-from pipeline.cli import UserError, run_main
-from pipeline.config import get, load_params, resolve_path
-from pipeline.files import sha256_file
+from pipeline.core.cli import UserError, run_main
+from pipeline.core.config import get, load_params, resolve_path
+from pipeline.core.files import sha256_file
 
-log = logging.getLogger("pipeline.fetch_data")
+log = logging.getLogger("pipeline.stages.fetch_data")
 
 
 class DataSourceError(RuntimeError, UserError):
@@ -126,12 +126,12 @@ def write_checksums(folder: Path) -> str:
 
 
 def main(argv: Sequence[str] | None = None) -> None:
-    """``python -m pipeline.fetch_data`` (the stage), or
-    ``python -m pipeline.fetch_data --write-checksums FOLDER > list.sha256`` to pin a dataset."""
+    """``python -m pipeline.stages.fetch_data`` (the stage), or
+    ``python -m pipeline.stages.fetch_data --write-checksums FOLDER > list.sha256`` to pin a dataset."""
     argv = list(sys.argv[1:] if argv is None else argv)
     if argv[:1] == ["--write-checksums"]:
         if len(argv) != 2:
-            sys.exit("usage: python -m pipeline.fetch_data --write-checksums FOLDER > FILE.sha256")
+            sys.exit("usage: python -m pipeline.stages.fetch_data --write-checksums FOLDER > FILE.sha256")
         sys.stdout.write(write_checksums(Path(argv[1])))
         return
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
@@ -140,13 +140,13 @@ def main(argv: Sequence[str] | None = None) -> None:
     listed = ds.get("checksums")
     if not listed:
         raise DataSourceError("dataset.checksums is not set: pin the data first with "
-                              "`python -m pipeline.fetch_data --write-checksums FOLDER > "
+                              "`python -m pipeline.stages.fetch_data --write-checksums FOLDER > "
                               "data/<name>.sha256` and name that file in dataset.checksums")
     listed_path = resolve_path(listed, root=Path.cwd())
     if not listed_path.is_file():
         raise DataSourceError(f"checksum list {listed} (dataset.checksums) not found: run from "
                               f"the project root, or pin the data with `python -m "
-                              f"pipeline.fetch_data --write-checksums FOLDER > {listed}`")
+                              f"pipeline.stages.fetch_data --write-checksums FOLDER > {listed}`")
     checksums = read_checksums(listed_path)
     record = fetch(get(ds, "sources"), checksums, Path(get(ds, "raw_dir")))
     Path("data").mkdir(exist_ok=True)

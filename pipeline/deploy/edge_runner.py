@@ -1,6 +1,6 @@
 """Run and time exported models (.onnx, .tflite) with their own runtimes; no torch needed.
 
-This file is self-contained on purpose: ``pipeline.benchmark`` copies it to a remote device
+This file is self-contained on purpose: ``pipeline.stages.benchmark`` copies it to a remote device
 (a Raspberry Pi, a Jetson) that has only numpy plus ONNX Runtime and/or a TFLite interpreter
 (``ai_edge_litert``, or the older ``tflite_runtime``), runs it there and reads the JSON it prints.
 Locally, export parity checks and the benchmark use the same loaders, so what is checked is what
@@ -44,14 +44,14 @@ def format_of(path) -> str:
 
 def _tflite_interpreter_class():
     try:
-        from ai_edge_litert.interpreter import Interpreter
         import ai_edge_litert
+        from ai_edge_litert.interpreter import Interpreter
         return Interpreter, "ai_edge_litert", getattr(ai_edge_litert, "__version__", "unknown")
     except ImportError:
         pass
     try:
-        from tflite_runtime.interpreter import Interpreter
         import tflite_runtime
+        from tflite_runtime.interpreter import Interpreter
         return Interpreter, "tflite_runtime", getattr(tflite_runtime, "__version__", "unknown")
     except ImportError as exc:
         raise ImportError("no TFLite interpreter: pip install ai-edge-litert (or tflite-runtime "

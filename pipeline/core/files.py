@@ -7,7 +7,7 @@ import hashlib
 from collections.abc import Mapping
 from pathlib import Path
 
-from pipeline.config import get
+from pipeline.core.config import get
 
 
 def sha256_file(path: str | Path, chunk: int = 1 << 20) -> str:

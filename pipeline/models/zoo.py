@@ -799,7 +799,7 @@ def load_weights_file(model: ImageClassifier, path: str | Path) -> None:
             the file and the missing, unexpected or mis-shaped keys.
     """
     path = Path(path)
-    # weights_only=False as in pipeline.checkpoint: a pipeline checkpoint's metadata may hold
+    # weights_only=False as in pipeline.models.checkpoint: a pipeline checkpoint's metadata may hold
     # more than tensors; the file is the user's own.
     state = torch.load(path, map_location="cpu", weights_only=False)
     if isinstance(state, Mapping) and "state_dict" in state:

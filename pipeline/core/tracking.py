@@ -29,15 +29,15 @@ from typing import Any, Iterator
 
 from filelock import FileLock
 
-from pipeline.cli import UserError
-from pipeline.config import main_repo_root
+from pipeline.core.cli import UserError
+from pipeline.core.config import main_repo_root
 
 # Set before mlflow is imported anywhere: no telemetry from a reproducible pipeline.
 os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
 os.environ.setdefault("DO_NOT_TRACK", "true")
 os.environ.setdefault("DVC_NO_ANALYTICS", "1")
 
-log = logging.getLogger("pipeline.tracking")
+log = logging.getLogger("pipeline.core.tracking")
 
 
 class TrackingError(RuntimeError, UserError):
@@ -192,7 +192,7 @@ class Tracker:
     def run(self, name: str, *, nested: bool = False, tags: Mapping[str, str] | None = None
             ) -> Iterator[None]:
         # MLflow would tag the entry script's absolute path (a home folder, a user name).
-        tags = {"mlflow.source.name": "pipeline/train.py", **dict(tags or {})}
+        tags = {"mlflow.source.name": "pipeline/stages/train.py", **dict(tags or {})}
         active = self._call("start_run", run_name=name, nested=nested, tags=tags)
         try:
             yield

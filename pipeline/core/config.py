@@ -15,9 +15,9 @@ from typing import Any
 import yaml
 from omegaconf import OmegaConf
 
-from pipeline.cli import UserError
+from pipeline.core.cli import UserError
 
-PROJECT_ROOT = Path(__file__).resolve().parent.parent
+PROJECT_ROOT = Path(__file__).resolve().parents[2]
 CONF_DIR = PROJECT_ROOT / "conf"
 
 
@@ -34,8 +34,11 @@ def compose(overrides: Sequence[str] = (), conf_dir: str | Path = CONF_DIR) -> d
     """
     from hydra import compose as hydra_compose
     from hydra import initialize_config_dir
-    from hydra.errors import (ConfigCompositionException, MissingConfigException,
-                              OverrideParseException)
+    from hydra.errors import (
+        ConfigCompositionException,
+        MissingConfigException,
+        OverrideParseException,
+    )
 
     try:
         with initialize_config_dir(config_dir=str(Path(conf_dir).resolve()), version_base=None):
@@ -80,7 +83,7 @@ def load_params(path: str | Path = "params.yaml") -> dict:
     path = Path(path)
     if not path.is_file():
         raise ConfigError(f"{path} not found: run from the project root, or compose it with "
-                          f"`dvc exp run` / `python -m pipeline.config > params.yaml`")
+                          f"`dvc exp run` / `python -m pipeline.core.config > params.yaml`")
     with path.open() as f:
         return yaml.safe_load(f)
 
@@ -147,8 +150,8 @@ def resolve_path(path: str | Path, root: str | Path | None = None) -> Path:
 
 
 def main(argv: Sequence[str] | None = None) -> None:
-    """Print the composed config as YAML: ``python -m pipeline.config [overrides...] > params.yaml``;
-    ``python -m pipeline.config check [overrides...]`` only checks them (the overrides of a
+    """Print the composed config as YAML: ``python -m pipeline.core.config [overrides...] > params.yaml``;
+    ``python -m pipeline.core.config check [overrides...]`` only checks them (the overrides of a
     ``dvc exp run -S ...``, whose own error, "Key 'tran' is not in struct", lists no valid keys):
     an unknown key or group option ends in one ``error:`` line with the valid ones."""
     import sys
@@ -162,6 +165,6 @@ def main(argv: Sequence[str] | None = None) -> None:
 
 
 if __name__ == "__main__":
-    from pipeline.cli import run_main
+    from pipeline.core.cli import run_main
 
     run_main(main)

@@ -1,0 +1,1 @@
+"""Conversion to ONNX/TFLite with parity checks, and the runner that times exported files."""

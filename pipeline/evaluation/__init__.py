@@ -1,0 +1,1 @@
+"""Metrics with patient-level intervals and paired comparisons; Grad-CAM."""

@@ -1,0 +1,1 @@
+"""The architectures of the studies, their checkpoints and their complexity."""

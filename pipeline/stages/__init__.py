@@ -1,0 +1,1 @@
+"""One module per dvc.yaml stage, run as ``python -m pipeline.stages.<stage>``."""

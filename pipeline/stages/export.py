@@ -1,0 +1,139 @@
+"""Stage ``export``: each fold's model of a run to ONNX and TFLite (:mod:`pipeline.deploy.formats`),
+every file checked against PyTorch on real frames of its fold; ``parity.json`` records every file
+(also the failing ones), then the stage fails naming each file over its tolerance.
+
+    python -m pipeline.stages.export --run-dir models/mini_covidnet-ce
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+
+import numpy as np
+
+from pipeline.deploy.formats import (
+    DEFAULT_MIN_TOP1,
+    DEFAULT_OPSET,
+    DEFAULT_TOLERANCE,
+    FORMATS,
+    check_parity,
+    export_model,
+)
+
+log = logging.getLogger("pipeline.stages.export")
+
+
+def export_config(params: Mapping) -> dict:
+    """The ``export`` params group with defaults filled in and its keys checked."""
+    from pipeline.core.config import ConfigError
+
+    defaults = {"formats": list(FORMATS), "opset": DEFAULT_OPSET, "parity_frames": 32,
+                "parity_split": "test", "calibration_frames": 64, "calibration_split": "train",
+                "tolerance": dict(DEFAULT_TOLERANCE), "min_top1_agreement": dict(DEFAULT_MIN_TOP1),
+                "all_formats_folds": None}
+    cfg = dict(params.get("export") or {})
+    unknown = sorted(set(cfg) - set(defaults))
+    if unknown:
+        raise ConfigError(f"unknown key(s) export.{unknown} (valid: {sorted(defaults)})")
+    merged = {**defaults, **cfg}
+    for key in ("tolerance", "min_top1_agreement"):
+        merged[key] = {**defaults[key], **(cfg.get(key) or {})}
+    bad = sorted(set(merged["formats"]) - set(FORMATS))
+    if bad:
+        raise ConfigError(f"export.formats has unknown format(s) {bad} (valid: {list(FORMATS)})")
+    return merged
+
+
+def fold_formats(cfg: Mapping, fold: int) -> list[str]:
+    """Formats of one fold: all of ``export.formats`` for the folds in
+    ``export.all_formats_folds`` (null: every fold), ONNX alone for the others."""
+    chosen = cfg["all_formats_folds"]
+    if chosen is None or fold in chosen:
+        return list(cfg["formats"])
+    return [f for f in cfg["formats"] if f == "onnx"]
+
+
+def summarize(records: Sequence[Mapping]) -> dict:
+    """Per format over folds: worst max |diff|, lowest top-1 agreement, mean accuracy change."""
+    out: dict[str, dict] = {}
+    for fmt in dict.fromkeys(r["format"] for r in records):
+        rs = [r for r in records if r["format"] == fmt]
+        out[fmt] = {"max_abs_diff": max(r["max_abs_diff"] for r in rs),
+                    "min_top1_agreement": min(r["top1_agreement"] for r in rs),
+                    "size_bytes": max(r["size_bytes"] for r in rs),
+                    "passed": all(r["passed"] for r in rs)}
+        if all("accuracy_change" in r for r in rs):
+            out[fmt]["mean_accuracy_change"] = float(np.mean([r["accuracy_change"] for r in rs]))
+    return out
+
+
+def _frames(fold: int, split: str, image_size: int, limit: int | None):
+    from pipeline.data.loading import (
+        load_split_images,  # the data stage's outputs are needed only here
+    )
+
+    images, labels = load_split_images(fold, split, image_size, limit)
+    return images.float().div(255).numpy(), np.asarray(labels)
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    # Converters log every lowering step on the root logger: keep theirs to warnings.
+    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    logging.getLogger("pipeline").setLevel(logging.INFO)
+    parser = argparse.ArgumentParser(description="Export a run's fold models to ONNX/TFLite and "
+                                                 "check each file against PyTorch.")
+    parser.add_argument("--run-dir", required=True, help="models/<model>-<loss>")
+    parser.add_argument("--params", default="params.yaml")
+    parser.add_argument("--folds", type=int, nargs="*", help="only these folds (default: all)")
+    parser.add_argument("--out-dir", help="where the files go (default: exports/<model>-<loss>)")
+    args = parser.parse_args(argv)
+
+    from pipeline.core.config import load_params
+    from pipeline.models.checkpoint import load_model
+
+    cfg = export_config(load_params(args.params))
+    run_dir = Path(args.run_dir)
+    from pipeline.models.checkpoint import fold_checkpoints
+
+    checkpoints = fold_checkpoints(run_dir)
+    if args.folds:
+        missing = sorted(set(args.folds) - set(checkpoints))
+        if missing:
+            raise FileNotFoundError(f"no checkpoint for fold(s) {missing} in {run_dir} "
+                                    f"(trained folds: {sorted(checkpoints)})")
+        checkpoints = {k: checkpoints[k] for k in args.folds}
+    # Beside, not inside, the train stage's output: DVC outputs must not overlap.
+    out_root = Path(args.out_dir) if args.out_dir else Path("exports") / run_dir.name
+    records: list[dict] = []
+    for fold, ckpt_path in checkpoints.items():
+        formats = fold_formats(cfg, fold)
+        model, ckpt = load_model(ckpt_path)
+        size = int(ckpt["image_size"])
+        log.info("fold %d: %s (%s, %d px) -> %s", fold, ckpt_path, type(model).__name__, size,
+                 out_root / f"fold_{fold}")
+        images, labels = _frames(fold, cfg["parity_split"], size, cfg["parity_frames"])
+        calibration = None
+        if "tflite_int8_full" in formats:
+            calibration, _ = _frames(fold, cfg["calibration_split"], size,
+                                     cfg["calibration_frames"])
+        records += export_model(model, out_root / f"fold_{fold}", size, images, labels,
+                                calibration, formats, cfg["tolerance"],
+                                cfg["min_top1_agreement"], cfg["opset"], strict=False,
+                                extra={"fold": fold})
+    summary = {"run": run_dir.name, "passed": all(r["passed"] for r in records),
+               "n_files": len(records), "per_format": summarize(records), "records": records}
+    out_root.mkdir(parents=True, exist_ok=True)
+    (out_root / "parity.json").write_text(json.dumps(summary, indent=2) + "\n")
+    log.info("wrote %s (%d files, %s)", out_root / "parity.json", len(records),
+             "all within tolerance" if summary["passed"] else "SOME FAILED")
+    check_parity(records)
+
+
+if __name__ == "__main__":
+    from pipeline.core.cli import run_main
+
+    run_main(main)

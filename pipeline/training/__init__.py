@@ -1,0 +1,1 @@
+"""Losses and the optimisation step (eager or CUDA graph)."""
