@@ -120,7 +120,7 @@ def test_validation_covers_every_class_with_training_shares():
             assert row[f"{cls}_patients"] >= (2 if n_train >= 6 else 1), (row, cls)
             assert abs(row[f"{cls}_share"] - row[f"{cls}_train_share"]) <= 0.10 + 1e-9, (row, cls)
         assert carving[row["fold"]]["share_gap"] <= 0.10
-    # one draw (the old way: any stratified pick) lets a long healthy patient dominate somewhere
+    # a single draw (any stratified pick) lets a long healthy patient dominate somewhere
     _, one_draw = make_splits(manifest, {**CFG, "val_candidates": 1})
     assert max(c["share_gap"] for c in one_draw.values()) > max(c["share_gap"] for c in carving.values())
     again, _ = make_splits(manifest, CFG)
