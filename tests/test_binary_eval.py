@@ -100,7 +100,7 @@ def test_score_histograms(tmp_path):
 
 
 def test_penultimate_features_and_tsne(tmp_path):
-    from pipeline.models.zoo import build_model
+    from pipeline.models.build import build_model
 
     torch.manual_seed(0)
     model = build_model({"arch": "mini_covidnet"}, num_classes=2).eval()
@@ -169,7 +169,7 @@ def test_main_tsne_from_a_fold_checkpoint(tmp_path, monkeypatch):
     import cv2
 
     from pipeline.models.checkpoint import save_checkpoint
-    from pipeline.models.zoo import build_model
+    from pipeline.models.build import build_model
 
     params = compose(["experiment=cxr_covid_resnet50", "grid.models=[mini_covidnet]"])
     params["dataset"]["frames_dir"] = "frames"

@@ -2,7 +2,7 @@
 
 For every class, a few test frames of that class are taken from the run's
 ``fold_<k>/test_predictions.csv`` (frames of different videos first), and Grad-CAM
-(``pytorch_grad_cam.GradCAM`` on :func:`pipeline.models.zoo.gradcam_target_layer`, for the TRUE class)
+(``pytorch_grad_cam.GradCAM`` on :func:`pipeline.models.classifier.gradcam_target_layer`, for the TRUE class)
 is computed with the model of the fold that held the frame out, so every map comes from a model
 that never saw the frame. The grid has one row per class and one column per example; each cell is
 the frame with its heat map, titled with the true and predicted class and the predicted class's
@@ -67,11 +67,11 @@ def compute_cams(model: nn.Module, images: np.ndarray | torch.Tensor,
     """Grad-CAM maps of a batch, each for its own target class.
 
     Args:
-        model: A model from :func:`pipeline.models.zoo.build_model` (or ``load_model``); put in eval
+        model: A model from :func:`pipeline.models.build.build_model` (or ``load_model``); put in eval
             mode.
         images: ``N x 3 x S x S`` RGB, uint8 (0-255) or float in [0, 1].
         targets: Class index per image (the logit whose gradient weights the channels).
-        layer: Target layer; default :func:`pipeline.models.zoo.gradcam_target_layer`.
+        layer: Target layer; default :func:`pipeline.models.classifier.gradcam_target_layer`.
 
     Returns:
         ``N x S x S`` float32 maps, each min-max normalised to [0, 1] (all zeros when no location
@@ -84,7 +84,7 @@ def compute_cams(model: nn.Module, images: np.ndarray | torch.Tensor,
     from pytorch_grad_cam import GradCAM
     from pytorch_grad_cam.utils.model_targets import ClassifierOutputTarget
 
-    from pipeline.models.zoo import gradcam_target_layer
+    from pipeline.models.classifier import gradcam_target_layer
 
     if layer is None:
         layer = gradcam_target_layer(model)

@@ -446,7 +446,7 @@ def load_runs(cells: Sequence[str], models_dir: Path, params: Mapping) -> dict[s
     """Each cell's run record and metrics, with its model's parameter counts (from the trained
     checkpoint, or built from the config when only the predictions were kept)."""
     from pipeline.models.checkpoint import load_model
-    from pipeline.models.zoo import build_model, count_parameters
+    from pipeline.models.build import build_model, count_parameters
 
     runs = {}
     for cell in cells:

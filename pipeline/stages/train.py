@@ -151,7 +151,7 @@ def prediction_table(part: pd.DataFrame, fold: int, probs: np.ndarray,
 def train_fold(params: Mapping, model_name: str, loss_name: str, fold: int, store: FrameStore,
                splits: pd.DataFrame, out_dir: Path, tracker: Tracker) -> pd.DataFrame:
     """Train one fold; write its checkpoint, history and test predictions; return the latter."""
-    from pipeline.models.zoo import build_model
+    from pipeline.models.build import build_model
     from pipeline.training.losses import build_loss
 
     tcfg = get(params, "train")
@@ -348,7 +348,7 @@ def summarize_cell(out_dir: Path, folds: Sequence[int], classes: Sequence[str]) 
 def run(params: Mapping, model_name: str, loss_name: str, folds: Sequence[int],
         out_root: Path = Path("models")) -> dict:
     """Train the given folds of one grid cell; write the cell's predictions and metrics."""
-    from pipeline.models.zoo import describe_init
+    from pipeline.models.registry import describe_init
 
     model_cfg, loss_cfg = select_run(params, model_name, loss_name)
     ds, fcfg, tcfg = get(params, "dataset"), get(params, "folds"), get(params, "train")
