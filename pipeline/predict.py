@@ -347,9 +347,9 @@ def predict_files(paths: Sequence[str | Path], run_dir: str | Path, backend: str
         run_dir: Trained run, ``models/<model>-<loss>`` with ``fold_<k>/best.pt``.
         backend: ``torch`` or ``onnx``.
         ensemble: How the fold models' probabilities combine per frame: ``mean`` or ``vote``
-            (see :func:`pipeline.evaluation.metrics.ensemble_probabilities`).
+            (see :func:`pipeline.evaluation.aggregation.ensemble_probabilities`).
         video_agg: How a video's frame probabilities combine: ``mean`` or ``vote`` (see
-            :func:`pipeline.evaluation.metrics.aggregate_videos`).
+            :func:`pipeline.evaluation.aggregation.aggregate_videos`).
         rate_hz: Frames kept per second of video.
         max_frames: At most this many frames per video.
         max_side: Longest side of the extracted frame before resizing.
@@ -368,7 +368,7 @@ def predict_files(paths: Sequence[str | Path], run_dir: str | Path, backend: str
         PredictError: A problem of the whole command (options, run, models) or no usable input;
             the message names the file and the fix.
     """
-    from pipeline.evaluation.metrics import aggregate_videos, ensemble_probabilities
+    from pipeline.evaluation.aggregation import aggregate_videos, ensemble_probabilities
 
     for name, value in (("ensemble", ensemble), ("video_agg", video_agg)):
         if value not in COMBINE_CHOICES:

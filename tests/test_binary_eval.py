@@ -12,7 +12,8 @@ import torch
 import yaml
 
 from pipeline.core.config import compose
-from pipeline.evaluation.metrics import BinaryFigures, patient_bootstrap
+from pipeline.evaluation.bootstrap import patient_bootstrap
+from pipeline.evaluation.bootstrap_figures import BinaryFigures
 from pipeline.stages.binary_eval import (
     confusion_at,
     evaluate_cell,
@@ -168,8 +169,8 @@ def test_main_writes_every_cell(tmp_path, monkeypatch):
 def test_main_tsne_from_a_fold_checkpoint(tmp_path, monkeypatch):
     import cv2
 
-    from pipeline.models.checkpoint import save_checkpoint
     from pipeline.models.build import build_model
+    from pipeline.models.checkpoint import save_checkpoint
 
     params = compose(["experiment=cxr_covid_resnet50", "grid.models=[mini_covidnet]"])
     params["dataset"]["frames_dir"] = "frames"

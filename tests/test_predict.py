@@ -14,7 +14,7 @@ import torch
 
 from pipeline import predict
 from pipeline.data.frames import sample_indices, to_rgb8
-from pipeline.evaluation.metrics import ensemble_probabilities
+from pipeline.evaluation.aggregation import ensemble_probabilities
 from pipeline.models.build import build_model
 from pipeline.models.checkpoint import load_model, save_checkpoint
 from pipeline.models.registry import default_model_config

@@ -16,8 +16,8 @@ thresholds (the study's 0.15/0.20/0.25/0.30), and two operating points at a targ
   validation predictions the held-out point is reported as unavailable, never estimated.
 
 Every figure at every threshold and both points, and the AUC, get a 95% percentile interval from
-:func:`pipeline.evaluation.metrics.patient_bootstrap` (whole patients resampled, seeded by ``seed``;
-statistic :class:`pipeline.evaluation.metrics.BinaryFigures`); the study's Wald intervals
+:func:`pipeline.evaluation.bootstrap.patient_bootstrap` (whole patients resampled, seeded by ``seed``;
+statistic :class:`pipeline.evaluation.bootstrap_figures.BinaryFigures`); the study's Wald intervals
 (``z * sqrt(p (1 - p) / N)`` over images) stay beside them for comparison with the paper. Also
 the ROC with both points and the predicted-score histogram per subgroup (the manifest's
 ``finding`` column, else the true class). The t-SNE of penultimate features is optional
@@ -51,7 +51,8 @@ import torch  # noqa: E402
 from sklearn.metrics import roc_auc_score  # noqa: E402
 
 from pipeline.core.config import ConfigError, get, load_params  # noqa: E402
-from pipeline.evaluation.metrics import BINARY_FIGURES, BinaryFigures, patient_bootstrap  # noqa: E402
+from pipeline.evaluation.bootstrap import patient_bootstrap  # noqa: E402
+from pipeline.evaluation.bootstrap_figures import BINARY_FIGURES, BinaryFigures  # noqa: E402
 
 log = logging.getLogger("pipeline.stages.binary_eval")
 

@@ -302,7 +302,7 @@ def train_fold(params: Mapping, model_name: str, loss_name: str, fold: int, stor
             table.to_csv(fold_dir / f"{split}_predictions.csv", index=False)
         preds = tables["test"]
 
-        from pipeline.evaluation.metrics import classification_metrics, metrics_to_flat
+        from pipeline.evaluation.classification import classification_metrics, metrics_to_flat
 
         m = classification_metrics(preds["y_true"].to_numpy(), preds["y_pred"].to_numpy(),
                                    probs["test"], classes)
@@ -327,7 +327,7 @@ def summarize_cell(out_dir: Path, folds: Sequence[int], classes: Sequence[str]) 
     """Join the folds' test predictions into ``predictions.csv`` and write the cell's
     ``metrics.json`` (what ``dvc exp show`` lists). Also used to collect folds trained in
     separate processes (e.g. in parallel on one GPU)."""
-    from pipeline.evaluation.metrics import summarize_folds
+    from pipeline.evaluation.classification import summarize_folds
 
     preds = pd.concat([pd.read_csv(out_dir / f"fold_{k}" / "test_predictions.csv",
                                    dtype={"patient": str}) for k in folds], ignore_index=True)
