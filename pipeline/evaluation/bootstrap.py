@@ -50,8 +50,9 @@ def _as_flat(value: float | Mapping[str, Any], where: str) -> tuple[dict[str, fl
                     f"or a (nested) dict of floats")
 
 
-def replicate_statistic(df: pd.DataFrame, statistic: Statistic, codes: np.ndarray,
-                        n_groups: int, draws: np.ndarray) -> tuple[dict[str, float], dict[str, np.ndarray], bool]:
+def replicate_statistic(df: pd.DataFrame, statistic: Statistic, codes: np.ndarray, n_groups: int,
+                        draws: np.ndarray
+                        ) -> tuple[dict[str, float], dict[str, np.ndarray], bool]:
     """Point value and B resampled values of ``statistic``, keyed by flat name."""
     point, scalar = _as_flat(statistic(df), "statistic")
     if hasattr(statistic, "replicates"):  # vectorised statistic, e.g. FiguresOfMerit
@@ -99,8 +100,8 @@ def patient_bootstrap(preds: pd.DataFrame, statistic: Statistic | None, classes:
     Each resample draws as many patients as the table has, with replacement, and keeps all
     frames of every drawn patient. A patient drawn twice appears twice under the same id, so a
     statistic that groups rows by patient or video sees its copies merged: for video-level
-    figures, aggregate first (:func:`aggregate_videos` keeps ``patient``) and bootstrap the video
-    table. Resamples where a figure is undefined (NaN, e.g. no patient of a class drawn) are left
+    figures, aggregate first (:func:`pipeline.evaluation.aggregation.aggregate_videos` keeps
+    ``patient``) and bootstrap the video table. Resamples where a figure is undefined (NaN, e.g. no patient of a class drawn) are left
     out of its interval; ``n_valid`` counts the rest.
 
     Args:

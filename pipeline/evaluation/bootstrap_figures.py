@@ -23,7 +23,8 @@ from pipeline.evaluation.classification import (
 
 
 class FiguresOfMerit:
-    """Bootstrap statistic giving every figure of :func:`classification_metrics` at once.
+    """Bootstrap statistic giving every figure of
+    :func:`pipeline.evaluation.classification.classification_metrics` at once.
 
     Calling it on a prediction table returns the flat dict ``{"accuracy", "macro_f1", "mcc",
     "auc_ovr", "per_class.<class>.<figure>"}`` with the same values (and NaN rules) as

@@ -43,7 +43,7 @@ class Normalize(nn.Module):
 
 
 class ImageClassifier(nn.Module):
-    """``normalize -> backbone -> head``; built by :func:`build_model`.
+    """``normalize -> backbone -> head``; built by :func:`pipeline.models.build.build_model`.
 
     Attributes:
         arch: Registry name.

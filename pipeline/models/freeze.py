@@ -18,7 +18,7 @@ def apply_freeze(model: ImageClassifier, policy: str = "all", *, n: int = 0,
     """Set ``requires_grad`` of every parameter according to a freeze policy.
 
     Args:
-        model: A model from :func:`build_model`.
+        model: A model from :func:`pipeline.models.build.build_model`.
         policy: ``all`` (everything trains), ``last_n`` (the last ``n`` of ``model.blocks`` +
             head), ``named`` (parameters under one of ``layers`` + head) or ``head_only``.
         n: Number of trailing backbone blocks for ``last_n``.
