@@ -347,9 +347,9 @@ def predict_files(paths: Sequence[str | Path], run_dir: str | Path, backend: str
         run_dir: Trained run, ``models/<model>-<loss>`` with ``fold_<k>/best.pt``.
         backend: ``torch`` or ``onnx``.
         ensemble: How the fold models' probabilities combine per frame: ``mean`` or ``vote``
-            (see :func:`pipeline.evaluation.metrics.ensemble_probabilities`).
+            (see :func:`pipeline.evaluation.aggregation.ensemble_probabilities`).
         video_agg: How a video's frame probabilities combine: ``mean`` or ``vote`` (see
-            :func:`pipeline.evaluation.metrics.aggregate_videos`).
+            :func:`pipeline.evaluation.aggregation.aggregate_videos`).
         rate_hz: Frames kept per second of video.
         max_frames: At most this many frames per video.
         max_side: Longest side of the extracted frame before resizing.
@@ -368,13 +368,7 @@ def predict_files(paths: Sequence[str | Path], run_dir: str | Path, backend: str
         PredictError: A problem of the whole command (options, run, models) or no usable input;
             the message names the file and the fix.
     """
-    from pipeline.evaluation.metrics import aggregate_videos, ensemble_probabilities
-
-    for name, value in (("ensemble", ensemble), ("video_agg", video_agg)):
-        if value not in COMBINE_CHOICES:
-            raise PredictError(f"{name}={value!r}: use one of {', '.join(COMBINE_CHOICES)}")
-    if not (rate_hz > 0 and math.isfinite(rate_hz)) or int(max_frames) < 1:
-        raise PredictError(f"rate_hz must be > 0 and max_frames >= 1; got {rate_hz}, {max_frames}")
+    _check_options(ensemble, video_agg, rate_hz, max_frames)
     errors = check_inputs(paths)
     fns, info = load_fold_models(run_dir, backend, onnx_dir)
     classes = info["classes"]
@@ -391,32 +385,49 @@ def predict_files(paths: Sequence[str | Path], run_dir: str | Path, backend: str
             errors.append({"file": str(p), "error": str(exc)})
             continue
         per_fold = fold_probabilities(fns, images, batch_size)
-        probs = ensemble_probabilities(list(per_fold.values()), ensemble)
-        frame_preds = pd.DataFrame({"frame": np.arange(len(probs)), "source": str(p),
-                                    "y_true": -1, "y_pred": probs.argmax(1)})
-        for i, c in enumerate(classes):
-            frame_preds[f"prob_{c}"] = probs[:, i]
-        video = aggregate_videos(frame_preds, classes, how=video_agg).iloc[0]
-        video_probs = np.array([video[f"prob_{c}"] for c in classes], dtype=np.float64)
-        fps_value = table["fps"].iloc[0]
-        frames = []
-        for j, row in enumerate(table.itertuples(index=False)):
-            frames.append({"frame_index": int(row.frame_index), "time_s": float(row.time_s),
-                           "probs": _probs_dict(classes, probs[j]),
-                           "pred": classes[int(probs[j].argmax())],
-                           "fold_probs": {str(k): _probs_dict(classes, v[j])
-                                          for k, v in per_fold.items()}})
         videos.append({"file": str(p), "kind": kind,
-                       "fps": float(fps_value) if fps_value != "" else None,
-                       "width": int(table["width"].iloc[0]), "height": int(table["height"].iloc[0]),
-                       "n_frames": len(frames), "probs": _probs_dict(classes, video_probs),
-                       "pred": classes[int(video["y_pred"])], "frames": frames})
+                       **_video_prediction(per_fold, table, classes, ensemble, video_agg)})
     return {"run": str(run_dir), "backend": backend, "ensemble": ensemble,
             "video_agg": video_agg, "classes": classes,
             "folds": sorted(int(k) for k in fns), "image_size": info["image_size"],
             "model_files": {str(k): v for k, v in info["model_files"].items()},
             "rate_hz": float(rate_hz), "max_frames": int(max_frames), "videos": videos,
             "errors": sorted(errors, key=lambda e: [str(p) for p in paths].index(e["file"]))}
+
+
+def _check_options(ensemble: str, video_agg: str, rate_hz: float, max_frames: int) -> None:
+    for name, value in (("ensemble", ensemble), ("video_agg", video_agg)):
+        if value not in COMBINE_CHOICES:
+            raise PredictError(f"{name}={value!r}: use one of {', '.join(COMBINE_CHOICES)}")
+    if not (rate_hz > 0 and math.isfinite(rate_hz)) or int(max_frames) < 1:
+        raise PredictError(f"rate_hz must be > 0 and max_frames >= 1; got {rate_hz}, {max_frames}")
+
+
+def _video_prediction(per_fold: Mapping[int, np.ndarray], table: pd.DataFrame,
+                      classes: Sequence[str], ensemble: str, video_agg: str) -> dict[str, Any]:
+    """One input's entry of :func:`predict_files` (less ``file`` and ``kind``): the fold models'
+    frame probabilities combined over folds (``ensemble``), then over frames (``video_agg``)."""
+    from pipeline.evaluation.aggregation import aggregate_videos, ensemble_probabilities
+
+    probs = ensemble_probabilities(list(per_fold.values()), ensemble)
+    frame_preds = pd.DataFrame({"frame": np.arange(len(probs)), "source": "input",
+                                "y_true": -1, "y_pred": probs.argmax(1)})
+    for i, c in enumerate(classes):
+        frame_preds[f"prob_{c}"] = probs[:, i]
+    video = aggregate_videos(frame_preds, classes, how=video_agg).iloc[0]
+    video_probs = np.array([video[f"prob_{c}"] for c in classes], dtype=np.float64)
+    fps_value = table["fps"].iloc[0]
+    frames = []
+    for j, row in enumerate(table.itertuples(index=False)):
+        frames.append({"frame_index": int(row.frame_index), "time_s": float(row.time_s),
+                       "probs": _probs_dict(classes, probs[j]),
+                       "pred": classes[int(probs[j].argmax())],
+                       "fold_probs": {str(k): _probs_dict(classes, v[j])
+                                      for k, v in per_fold.items()}})
+    return {"fps": float(fps_value) if fps_value != "" else None,
+            "width": int(table["width"].iloc[0]), "height": int(table["height"].iloc[0]),
+            "n_frames": len(frames), "probs": _probs_dict(classes, video_probs),
+            "pred": classes[int(video["y_pred"])], "frames": frames}
 
 
 def format_table(result: Mapping[str, Any]) -> str:

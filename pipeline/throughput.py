@@ -39,7 +39,7 @@ def measure(params: Mapping, model_name: str, batch_size: int, source: str, step
     """Images/s of training steps of one model on ``source`` = ``real`` or ``random``; with
     ``cuda_graph`` (CUDA only) the step is captured once and replayed, the capture and its
     warm-up steps outside the timed steps."""
-    from pipeline.models.zoo import build_model
+    from pipeline.models.build import build_model
     from pipeline.training.losses import build_loss
 
     tcfg = get(params, "train")

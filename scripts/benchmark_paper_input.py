@@ -25,7 +25,7 @@ sys.path.insert(0, str(ROOT))
 from pipeline import benchmark, export  # noqa: E402
 from pipeline.models.checkpoint import save_checkpoint  # noqa: E402
 from pipeline.core.config import compose  # noqa: E402
-from pipeline.models.zoo import build_model  # noqa: E402
+from pipeline.models.build import build_model  # noqa: E402
 
 
 def main() -> None:

@@ -12,7 +12,8 @@ import torch
 import yaml
 
 from pipeline.core.config import compose
-from pipeline.evaluation.metrics import BinaryFigures, patient_bootstrap
+from pipeline.evaluation.bootstrap import patient_bootstrap
+from pipeline.evaluation.bootstrap_figures import BinaryFigures
 from pipeline.stages.binary_eval import (
     confusion_at,
     evaluate_cell,
@@ -100,7 +101,7 @@ def test_score_histograms(tmp_path):
 
 
 def test_penultimate_features_and_tsne(tmp_path):
-    from pipeline.models.zoo import build_model
+    from pipeline.models.build import build_model
 
     torch.manual_seed(0)
     model = build_model({"arch": "mini_covidnet"}, num_classes=2).eval()
@@ -168,8 +169,8 @@ def test_main_writes_every_cell(tmp_path, monkeypatch):
 def test_main_tsne_from_a_fold_checkpoint(tmp_path, monkeypatch):
     import cv2
 
+    from pipeline.models.build import build_model
     from pipeline.models.checkpoint import save_checkpoint
-    from pipeline.models.zoo import build_model
 
     params = compose(["experiment=cxr_covid_resnet50", "grid.models=[mini_covidnet]"])
     params["dataset"]["frames_dir"] = "frames"

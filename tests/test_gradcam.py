@@ -11,10 +11,11 @@ import pandas as pd
 import pytest
 import torch
 
-import pipeline.models.zoo
+import pipeline.models.classifier
 from pipeline.evaluation import gradcam
+from pipeline.models.build import build_model
 from pipeline.models.checkpoint import load_model, save_checkpoint
-from pipeline.models.zoo import build_model, default_model_config
+from pipeline.models.catalog import default_model_config
 
 SIZE = 64  # Mini-COVIDNet's Grad-CAM layer is 2x2 here (1x1, a flat map, at 32 px)
 CLASSES = ["covid", "pneumonia", "healthy"]
@@ -137,7 +138,7 @@ def test_no_spatial_map_falls_back(tmp_path, monkeypatch, caplog):
         gradcam.compute_cam(model, image, 0, layer=model.head.fc1)
     # The grid still gets drawn: plain frames, a note per cell, one warning.
     run, frames = fake_run(tmp_path, "mini_covidnet", per_class=(1, 1, 1))
-    monkeypatch.setattr(pipeline.models.zoo, "gradcam_target_layer", lambda m: m.head.fc1)
+    monkeypatch.setattr(pipeline.models.classifier, "gradcam_target_layer", lambda m: m.head.fc1)
     with caplog.at_level("WARNING", logger="pipeline.evaluation.gradcam"):
         result = gradcam.gradcam_grid(run, 1, tmp_path / "g.png", frames_dir=frames, dpi=40)
     assert (tmp_path / "g.png").is_file()

@@ -1,4 +1,4 @@
-"""Known-answer tests of pipeline.evaluation.metrics (figures of merit, folds, bootstrap, aggregation)."""
+"""Known-answer tests of pipeline.evaluation's metrics (figures of merit, folds, bootstrap, aggregation)."""
 
 from __future__ import annotations
 
@@ -10,19 +10,17 @@ import pandas as pd
 import pytest
 from sklearn.metrics import roc_auc_score
 
-from pipeline.evaluation.metrics import (
-    FiguresOfMerit,
-    aggregate_videos,
+from pipeline.evaluation.aggregation import aggregate_videos, ensemble_probabilities
+from pipeline.evaluation.bootstrap import patient_bootstrap
+from pipeline.evaluation.bootstrap_figures import FiguresOfMerit
+from pipeline.evaluation.classification import (
     classification_metrics,
-    ensemble_probabilities,
-    mcnemar_test,
     metrics_from_table,
     metrics_to_flat,
-    paired_bootstrap_difference,
-    patient_bootstrap,
     prob_columns,
     summarize_folds,
 )
+from pipeline.evaluation.comparisons import mcnemar_test, paired_bootstrap_difference
 
 CLASSES = ["covid", "pneumonia", "healthy"]
 # Rows = true, columns = predicted; the figures below are worked out by hand from these counts.

@@ -1,4 +1,4 @@
-"""Tests of pipeline.models.zoo, parametrized over the registry (timm-style): config files,
+"""Tests of pipeline.models (registry, build, heads, capsules, freeze), parametrized over the registry (timm-style): config files,
 exact parameter counts, forward/backward, freeze policies, weight loading and errors."""
 
 from __future__ import annotations
@@ -10,16 +10,12 @@ import pytest
 import torch
 from omegaconf import OmegaConf
 
-from pipeline.models import zoo as models
-from pipeline.models.zoo import (
-    apply_freeze,
-    build_model,
-    count_parameters,
-    default_model_config,
-    describe_init,
-    gradcam_target_layer,
-    list_models,
-)
+from pipeline.models.build import build_model, count_parameters
+from pipeline.models.capsules import squash
+from pipeline.models.classifier import ImageClassifier, gradcam_target_layer
+from pipeline.models.freeze import apply_freeze
+from pipeline.models.heads import FlattenHead, GapLinearHead, PoolHead
+from pipeline.models.catalog import default_model_config, describe_init, list_models
 
 CONF_MODEL = Path(__file__).resolve().parents[1] / "conf" / "model"
 SCHEMA_KEYS = {"arch", "pretrained", "normalize", "head", "freeze"}
@@ -65,13 +61,13 @@ def model_cfg(arch: str):
 
 
 @functools.cache
-def _cached(arch: str) -> models.ImageClassifier:
+def _cached(arch: str) -> ImageClassifier:
     torch.manual_seed(0)
     return build_model(model_cfg(arch), NUM_CLASSES)
 
 
 @pytest.fixture
-def default_model(request) -> models.ImageClassifier:
+def default_model(request) -> ImageClassifier:
     """One model per arch for the whole run (building VGG16/NASNet costs seconds), reset to its
     config's freeze policy, no gradients, train mode."""
     model = _cached(request.param)
@@ -187,7 +183,7 @@ def test_caps_logits_are_log_lengths():
 
 def test_squash_uses_half_in_the_denominator():
     s = torch.tensor([[3.0, 4.0]])  # |s|^2 = 25
-    length = models.squash(s).norm(dim=-1)
+    length = squash(s).norm(dim=-1)
     torch.testing.assert_close(length, torch.tensor([25 / 25.5]), atol=1e-6, rtol=0)
 
 
@@ -377,7 +373,7 @@ def _flatten_cfg(arch: str, feature_map: int, **extra) -> dict:
 def test_existing_models_keep_the_pooled_mlp_head():
     for arch in ("mini_covidnet", "mobilenet_v2", "nasnet_mobile", "pocovidnet", "resnet50"):
         assert default_model_config(arch)["head"]["kind"] == "pool_mlp", arch
-    assert isinstance(_cached("mini_covidnet").head, models.PoolHead)
+    assert isinstance(_cached("mini_covidnet").head, PoolHead)
 
 
 def test_flatten_head_is_study_002s_dense_layer_on_the_whole_map():
@@ -400,7 +396,7 @@ def test_flatten_head_is_study_002s_dense_layer_on_the_whole_map():
 
 
 def test_flatten_head_rejects_another_feature_map_naming_the_image_size():
-    head = models.FlattenHead(1280, 2, feature_map=2, dropout=0.0)
+    head = FlattenHead(1280, 2, feature_map=2, dropout=0.0)
     assert head(torch.rand(2, 1280, 2, 2)).shape == (2, 2)
     with pytest.raises(ValueError, match=r"built for a 2x2 feature map.*gave 3x3.*"
                                          r"train\.image_size"):
@@ -419,7 +415,7 @@ def test_flatten_head_needs_a_feature_map():
 
 
 def test_gap_linear_head_works_at_any_size():
-    head = models.GapLinearHead(8, 3, dropout=0.0)
+    head = GapLinearHead(8, 3, dropout=0.0)
     x = torch.rand(2, 8, 5, 3)
     torch.testing.assert_close(head(x), head.fc(x.mean((2, 3))))
     assert count_parameters(head) == 8 * 3 + 3

@@ -14,9 +14,10 @@ import torch
 
 from pipeline import predict
 from pipeline.data.frames import sample_indices, to_rgb8
-from pipeline.evaluation.metrics import ensemble_probabilities
+from pipeline.evaluation.aggregation import ensemble_probabilities
+from pipeline.models.build import build_model
 from pipeline.models.checkpoint import load_model, save_checkpoint
-from pipeline.models.zoo import build_model, default_model_config
+from pipeline.models.catalog import default_model_config
 from tests.conftest import SHARED_LUS, write_video
 
 SIZE = 32

@@ -24,6 +24,7 @@ import time
 from collections import Counter
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
+from multiprocessing.connection import Connection
 from multiprocessing.connection import wait as wait_for_connections
 from pathlib import Path
 
@@ -159,75 +160,107 @@ def process_file(item: InputFile, raw_dir: str, out_dir: str, rate_hz: float, ma
     res = Result(item.source)
     base = {"source": item.source, "class": item.cls, "label": item.label, "probe": item.probe,
             "kind": item.kind, "patient": item.patient, "status": "used", "reason": ""}
+
+    def write(img: np.ndarray, name: str) -> None:
+        _write(img, Path(out_dir), name, max_side, quality)
+
     try:
         if path.stat().st_size == 0:
             res.error = "empty file (0 bytes)"
-            return res
-        if item.kind == "image":
-            img = cv2.imread(str(path), cv2.IMREAD_UNCHANGED)
-            if img is None:
-                res.error = "not a readable image (OpenCV could not decode it)"
-                return res
-            img = to_rgb8(img)
-            res.excluded = too_small(img.shape[1], img.shape[0], min_side)
-            if res.excluded:
-                return res
-            name = _frame_name(item.source, 0)
-            _write(img, Path(out_dir), name, max_side, quality)
-            res.rows.append({**base, "frame": name, "frame_index": 0, "time_s": 0.0, "fps": "",
-                             "width": img.shape[1], "height": img.shape[0]})
-            return res
-        cap = cv2.VideoCapture(str(path))
-        try:
-            if not cap.isOpened():
-                res.error = "not a decodable video (OpenCV/FFmpeg could not open it)"
-                return res
-            fps = cap.get(cv2.CAP_PROP_FPS)
-            if not (fps and math.isfinite(fps) and 0 < fps <= 240):
-                fps = item.fps_hint or 0.0
-            if not fps:
-                res.error = "unknown frame rate (container gives none and metadata has none)"
-                return res
-            step = max(1, int(fps / rate_hz))
-            index = 0
-            exhausted = False
-            while len(res.rows) < max_frames:
-                ok, frame = cap.read()
-                if not ok:
-                    exhausted = True
-                    break
-                if index == 0:
-                    res.excluded = too_small(frame.shape[1], frame.shape[0], min_side,
-                                             "video frames")
-                    if res.excluded:
-                        return res
-                if index % step == 0:
-                    frame = to_rgb8(frame)
-                    name = _frame_name(item.source, index)
-                    _write(frame, Path(out_dir), name, max_side, quality)
-                    res.rows.append({**base, "frame": name, "frame_index": index,
-                                     "time_s": round(index / fps, 4), "fps": round(fps, 3),
-                                     "width": frame.shape[1], "height": frame.shape[0]})
-                index += 1
-            if index == 1 and not exhausted:  # stopped by max_frames: is there a second frame?
-                exhausted = not cap.read()[0]
-        finally:
-            cap.release()
-        if not res.rows:
-            res.error = "video has no decodable frame"
-        elif index == 1 and exhausted:
-            fmt = still_image_format(path)
-            res.excluded = "a 'video' that decodes to a single frame" + (
-                f" (its content is a {fmt} image): a still image under a video name; give it "
-                f"an image extension to use it as an image" if fmt else
-                ": a still image or a damaged video; replace it with the real video, or save "
-                "the frame as an image to use it")
-            for row in res.rows:
-                (Path(out_dir) / row["frame"]).unlink(missing_ok=True)
-            res.rows = []
+        elif item.kind == "image":
+            _decode_image(path, item, base, res, write, min_side)
+        else:
+            _decode_video(path, item, base, res, write, rate_hz, max_frames, min_side)
+            if res.rows and res.excluded:  # a single-frame "video": its frame is not kept
+                for row in res.rows:
+                    (Path(out_dir) / row["frame"]).unlink(missing_ok=True)
+                res.rows = []
     except (OSError, cv2.error) as exc:
         res.error = f"{type(exc).__name__}: {exc}"
     return res
+
+
+FrameWriter = Callable[[np.ndarray, str], None]
+
+
+def _decode_image(path: Path, item: InputFile, base: dict, res: Result, write: FrameWriter,
+                  min_side: int | None) -> None:
+    """A still image: its one frame (``res.rows``), or why it gives none."""
+    img = cv2.imread(str(path), cv2.IMREAD_UNCHANGED)
+    if img is None:
+        res.error = "not a readable image (OpenCV could not decode it)"
+        return
+    img = to_rgb8(img)
+    res.excluded = too_small(img.shape[1], img.shape[0], min_side)
+    if res.excluded:
+        return
+    name = _frame_name(item.source, 0)
+    write(img, name)
+    res.rows.append({**base, "frame": name, "frame_index": 0, "time_s": 0.0, "fps": "",
+                     "width": img.shape[1], "height": img.shape[0]})
+
+
+def _decode_video(path: Path, item: InputFile, base: dict, res: Result, write: FrameWriter,
+                  rate_hz: float, max_frames: int, min_side: int | None) -> None:
+    """A video: its frames sampled at ``rate_hz`` (``res.rows``), or why it gives none. A video
+    that decodes to a single frame is ``excluded`` with its rows still listed (the caller
+    deletes their files)."""
+    cap = cv2.VideoCapture(str(path))
+    try:
+        if not cap.isOpened():
+            res.error = "not a decodable video (OpenCV/FFmpeg could not open it)"
+            return
+        fps = cap.get(cv2.CAP_PROP_FPS)
+        if not (fps and math.isfinite(fps) and 0 < fps <= 240):
+            fps = item.fps_hint or 0.0
+        if not fps:
+            res.error = "unknown frame rate (container gives none and metadata has none)"
+            return
+        sampled = _sample_video(cap, item, fps, base, res, write, rate_hz, max_frames, min_side)
+    finally:
+        cap.release()
+    if sampled is None:  # excluded by the size of its first frame
+        return
+    index, exhausted = sampled
+    if not res.rows:
+        res.error = "video has no decodable frame"
+    elif index == 1 and exhausted:
+        fmt = still_image_format(path)
+        res.excluded = "a 'video' that decodes to a single frame" + (
+            f" (its content is a {fmt} image): a still image under a video name; give it "
+            f"an image extension to use it as an image" if fmt else
+            ": a still image or a damaged video; replace it with the real video, or save "
+            "the frame as an image to use it")
+
+
+def _sample_video(cap: cv2.VideoCapture, item: InputFile, fps: float, base: dict, res: Result,
+                  write: FrameWriter, rate_hz: float, max_frames: int,
+                  min_side: int | None) -> tuple[int, bool] | None:
+    """Write every ``fps / rate_hz``-th frame, up to ``max_frames``; return (frames read, whether
+    the video ended), or None when its first frame is below ``min_side`` (``res.excluded``)."""
+    step = max(1, int(fps / rate_hz))
+    index = 0
+    exhausted = False
+    while len(res.rows) < max_frames:
+        ok, frame = cap.read()
+        if not ok:
+            exhausted = True
+            break
+        if index == 0:
+            res.excluded = too_small(frame.shape[1], frame.shape[0], min_side, "video frames")
+            if res.excluded:
+                return None
+        if index % step == 0:
+            frame = to_rgb8(frame)
+            name = _frame_name(item.source, index)
+            write(frame, name)
+            res.rows.append({**base, "frame": name, "frame_index": index,
+                             "time_s": round(index / fps, 4), "fps": round(fps, 3),
+                             "width": frame.shape[1], "height": frame.shape[0]})
+        index += 1
+    if index == 1 and not exhausted:  # stopped by max_frames: is there a second frame?
+        exhausted = not cap.read()[0]
+    return index, exhausted
 
 
 def _decode_child(conn, decode: Callable[..., Result], item: InputFile, args: tuple) -> None:
@@ -273,49 +306,76 @@ def _decode_all(items: Sequence[InputFile], args: tuple, workers: int, timeout_s
         while todo or running:
             while todo and len(running) < max(1, workers):
                 i = todo.pop()
-                recv, send = ctx.Pipe(duplex=False)
-                proc = ctx.Process(target=_decode_child, args=(send, decode, items[i], args),
-                                   daemon=True, name=f"decode-{i}")
-                proc.start()
-                send.close()  # only the child holds the write end: its death reads as EOF
-                running[recv] = (i, proc, time.monotonic() + timeout_s if timeout_s else math.inf)
-            next_deadline = min(d for _, _, d in running.values())
-            wait_s = None if math.isinf(next_deadline) else max(0.0, next_deadline - time.monotonic())
-            for conn in wait_for_connections(list(running), timeout=wait_s):
-                i, proc, _ = running.pop(conn)
-                try:
-                    results[i] = conn.recv()
-                except (EOFError, OSError):  # died without an answer: crashed or was killed
-                    proc.join()
-                    results[i] = Result(items[i].source, error=(
-                        f"decoder process died (exit code {proc.exitcode}): the file crashes "
-                        f"the decoder"))
-                    _remove_partial_frames(items[i].source, out_dir)
-                conn.close()
-                proc.join()
+                conn, entry = _start_decoder(ctx, decode, items[i], i, args, timeout_s)
+                running[conn] = entry
+            for i, res in _collect_answers(running, items, out_dir):
+                results[i] = res
                 done += 1
                 if done % 20 == 0 or done == len(items):
                     log.info("decoded %d/%d files (%.0f s)", done, len(items),
                              time.monotonic() - started)
-            now = time.monotonic()
-            for conn, (i, proc, deadline) in list(running.items()):
-                if now >= deadline:
-                    proc.kill()
-                    proc.join()
-                    conn.close()
-                    del running[conn]
-                    done += 1
-                    results[i] = Result(items[i].source,
-                                        error=f"decode timed out after {timeout_s:g} s")
-                    _remove_partial_frames(items[i].source, out_dir)
-                    log.warning("%s: decode timed out after %g s, process killed",
-                                items[i].source, timeout_s)
+            for i, res in _kill_overdue(running, items, out_dir, timeout_s):
+                results[i] = res
+                done += 1
     finally:
         for conn, (_, proc, _) in running.items():  # interrupted: leave no decoder behind
             proc.kill()
             proc.join()
             conn.close()
     return results  # type: ignore[return-value]
+
+
+def _start_decoder(ctx, decode: Callable[..., Result], item: InputFile, i: int, args: tuple,
+                   timeout_s: float | None) -> tuple[Connection, tuple]:
+    """Start the process decoding ``item``: (read end of its pipe, (i, process, deadline))."""
+    recv, send = ctx.Pipe(duplex=False)
+    proc = ctx.Process(target=_decode_child, args=(send, decode, item, args), daemon=True,
+                       name=f"decode-{i}")
+    proc.start()
+    send.close()  # only the child holds the write end: its death reads as EOF
+    return recv, (i, proc, time.monotonic() + timeout_s if timeout_s else math.inf)
+
+
+def _collect_answers(running: dict, items: Sequence[InputFile],
+                     out_dir: Path) -> list[tuple[int, Result]]:
+    """Wait until a decoder answers or dies, or the next deadline passes; remove the finished
+    decoders from ``running`` and return their results (a crash is that file's error)."""
+    next_deadline = min(d for _, _, d in running.values())
+    wait_s = None if math.isinf(next_deadline) else max(0.0, next_deadline - time.monotonic())
+    finished = []
+    for conn in wait_for_connections(list(running), timeout=wait_s):
+        i, proc, _ = running.pop(conn)
+        try:
+            res = conn.recv()
+        except (EOFError, OSError):  # died without an answer: crashed or was killed
+            proc.join()
+            res = Result(items[i].source, error=(
+                f"decoder process died (exit code {proc.exitcode}): the file crashes "
+                f"the decoder"))
+            _remove_partial_frames(items[i].source, out_dir)
+        conn.close()
+        proc.join()
+        finished.append((i, res))
+    return finished
+
+
+def _kill_overdue(running: dict, items: Sequence[InputFile], out_dir: Path,
+                  timeout_s: float | None) -> list[tuple[int, Result]]:
+    """Kill the decoders past their deadline, remove them from ``running``, return their errors."""
+    now = time.monotonic()
+    killed = []
+    for conn, (i, proc, deadline) in list(running.items()):
+        if now >= deadline:
+            proc.kill()
+            proc.join()
+            conn.close()
+            del running[conn]
+            killed.append((i, Result(items[i].source,
+                                     error=f"decode timed out after {timeout_s:g} s")))
+            _remove_partial_frames(items[i].source, out_dir)
+            log.warning("%s: decode timed out after %g s, process killed",
+                        items[i].source, timeout_s)
+    return killed
 
 
 def strict_error(cls: type, problems: Sequence[str], where: str, manifest: pd.DataFrame):

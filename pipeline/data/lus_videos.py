@@ -168,45 +168,15 @@ def extract(raw_dir: Path, out_dir: Path, ds: Mapping, *, workers: int = 1,
     """
     items = inventory(raw_dir, ds)
     out_dir.mkdir(parents=True, exist_ok=True)
-    rows: list[dict] = []
     problems: list[str] = []
-    selected = [i for i in items if not i.excluded]
-    # Frame names come from the path with its extension dropped and odd characters replaced:
-    # two files mapping to one name (Cov_x.mp4 + Cov_x.avi, "Cov x" + "Cov_x") would overwrite
-    # each other's frames silently; the later one is skipped and reported instead.
-    owner: dict[str, str] = {}
-    for item in list(selected):
-        name = _frame_name(item.source, 0)
-        if name in owner:
-            selected.remove(item)
-            item.excluded = (f"frame names collide with those of {owner[name]} (same path up to "
-                             f"extension/characters): rename one of the files")
-            item.kind = "unlabelled:" + item.kind  # recorded as skipped: a problem, not a choice
-        else:
-            owner[name] = item.source
-    for item in items:
-        if item.excluded:
-            kind = item.kind.removeprefix("unlabelled:")
-            status = "skipped" if item.kind.startswith("unlabelled:") else "excluded"
-            if status == "skipped":
-                problems.append(f"{item.source}: {item.excluded}")
-            rows.append({**_frameless_row(item, status, item.excluded), "class": item.cls or "",
-                         "label": -1 if status == "excluded" else item.label, "kind": kind})
+    selected = _without_name_collisions([i for i in items if not i.excluded])
+    rows = _unselected_rows(items, problems)
     args = (str(raw_dir), str(out_dir), float(ds["rate_hz"]), int(ds["max_frames"]),
             ds.get("frame_max_side"), ds.get("min_side"))
     timeout_s = ds.get("decode_timeout_s", DEFAULT_DECODE_TIMEOUT_S)
     timeout_s = float(timeout_s) if timeout_s else None
     results = _decode_all(selected, args, workers, timeout_s, decode)
-    implausible = []
-    for item, res in zip(selected, results):
-        if res.excluded or res.error:
-            status, reason = ("excluded", res.excluded) if res.excluded else ("skipped", res.error)
-            (implausible if res.excluded else problems).append(f"{item.source}: {reason}")
-            rows.append(_frameless_row(item, status, reason))
-        rows.extend(res.rows)
-    if implausible:
-        log.warning("excluded %d implausible input(s) (recorded in the manifest):\n  %s",
-                    len(implausible), "\n  ".join(implausible))
+    rows += _decoded_rows(selected, results, problems)
     manifest = pd.DataFrame(rows, columns=MANIFEST_COLUMNS)
     used = manifest[manifest.status == "used"]
     for cls in get(ds, "classes"):
@@ -220,6 +190,60 @@ def extract(raw_dir: Path, out_dir: Path, ds: Mapping, *, workers: int = 1,
             raise strict_error(ExtractionError, problems, str(raw_dir), manifest)
         log.warning("skipped %d input(s) (recorded in the manifest):\n  %s", len(problems), msg)
     return manifest
+
+
+def _without_name_collisions(selected: list[InputFile]) -> list[InputFile]:
+    """``selected`` less the files whose frame names collide with an earlier file's.
+
+    Frame names come from the path with its extension dropped and odd characters replaced:
+    two files mapping to one name (Cov_x.mp4 + Cov_x.avi, "Cov x" + "Cov_x") would overwrite
+    each other's frames silently; the later one is marked as skipped and reported instead.
+    """
+    kept: list[InputFile] = []
+    owner: dict[str, str] = {}
+    for item in selected:
+        name = _frame_name(item.source, 0)
+        if name in owner:
+            item.excluded = (f"frame names collide with those of {owner[name]} (same path up to "
+                             f"extension/characters): rename one of the files")
+            item.kind = "unlabelled:" + item.kind  # recorded as skipped: a problem, not a choice
+        else:
+            owner[name] = item.source
+            kept.append(item)
+    return kept
+
+
+def _unselected_rows(items: Sequence[InputFile], problems: list[str]) -> list[dict]:
+    """Manifest rows of the files left out before decoding: excluded by the selection, or
+    skipped (unlabelled, colliding names; added to ``problems``)."""
+    rows = []
+    for item in items:
+        if item.excluded:
+            kind = item.kind.removeprefix("unlabelled:")
+            status = "skipped" if item.kind.startswith("unlabelled:") else "excluded"
+            if status == "skipped":
+                problems.append(f"{item.source}: {item.excluded}")
+            rows.append({**_frameless_row(item, status, item.excluded), "class": item.cls or "",
+                         "label": -1 if status == "excluded" else item.label, "kind": kind})
+    return rows
+
+
+def _decoded_rows(selected: Sequence[InputFile], results: Sequence[Result],
+                  problems: list[str]) -> list[dict]:
+    """Manifest rows of the decoded files: their frames, or why they gave none (an unreadable
+    file is added to ``problems``; an implausible one is logged)."""
+    rows: list[dict] = []
+    implausible = []
+    for item, res in zip(selected, results):
+        if res.excluded or res.error:
+            status, reason = ("excluded", res.excluded) if res.excluded else ("skipped", res.error)
+            (implausible if res.excluded else problems).append(f"{item.source}: {reason}")
+            rows.append(_frameless_row(item, status, reason))
+        rows.extend(res.rows)
+    if implausible:
+        log.warning("excluded %d implausible input(s) (recorded in the manifest):\n  %s",
+                    len(implausible), "\n  ".join(implausible))
+    return rows
 
 
 def prepare_lus_videos(raw_dir: Path, frames_dir: Path, ds: Mapping, strict: bool) -> pd.DataFrame:

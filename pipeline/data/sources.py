@@ -26,7 +26,7 @@ from __future__ import annotations
 
 import logging
 import re
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 
@@ -36,7 +36,13 @@ import pandas as pd
 
 from pipeline.core.cli import UserError
 from pipeline.core.config import ConfigError
-from pipeline.data.frames import IMAGE_EXTS, MANIFEST_COLUMNS, strict_error, to_rgb8, too_small
+from pipeline.data.frames import (
+    IMAGE_EXTS,
+    MANIFEST_COLUMNS,
+    strict_error,
+    to_rgb8,
+    too_small,
+)
 from pipeline.data.lus_videos import prepare_lus_videos
 
 log = logging.getLogger("pipeline.data.sources")
@@ -219,15 +225,41 @@ def prepare_image_manifest(raw_dir: Path, frames_dir: Path, ds: Mapping, strict:
         DatasetError: the CSV or a column is missing; in strict mode, any skipped row.
     """
     raw_dir, frames_dir = Path(raw_dir), Path(frames_dir)
+    csv_path, table, columns = _read_manifest_csv(raw_dir, ds)
+    selection = _ManifestSelection(ds, csv_path, columns, raw_dir / (ds.get("image_dir") or ""))
+    fmt = _frame_format(ds, "jpg")
+    frames_dir.mkdir(parents=True, exist_ok=True)
+
+    rows: list[dict] = []
+    problems: list[str] = []
+    pending: list[tuple[str, Path, dict]] = []
+    for i, rec in enumerate(table.to_dict("records"), start=2):  # line 1 is the header
+        source, base, outcome = selection.triage(rec, i)
+        if isinstance(outcome, Path):
+            pending.append((source, outcome, base))
+            continue
+        status, reason = outcome
+        if status == "skipped":
+            problems.append(f"{source}: {reason}")
+        rows.append(_row(source, status=status, reason=reason, **base))
+    _convert_pending(pending, frames_dir, ds, fmt, rows, problems)
+    rows += _unlisted_images(raw_dir, selection.image_root, csv_path, selection.first_row)
+    return _finish(rows, problems, selection.classes, strict, f"{csv_path}")
+
+
+_MANIFEST_COLUMN_KEYS = ("path_column", "label_column", "patient_column", "view_column",
+                         "finding_column")
+
+
+def _read_manifest_csv(raw_dir: Path, ds: Mapping) -> tuple[Path, pd.DataFrame, dict[str, str | None]]:
+    """The CSV of ``dataset.manifest``, its table (all text) and the configured column names."""
     mcfg = ds["manifest"]
     csv_path = raw_dir / mcfg["file"]
-    image_root = raw_dir / (ds.get("image_dir") or "")
     if not csv_path.is_file():
         raise DatasetError(f"manifest CSV {csv_path} not found (dataset.manifest.file): the "
                            f"dataset folder must hold it (see conf/dataset/{ds.get('name', '')}.yaml)")
     table = pd.read_csv(csv_path, dtype=str, keep_default_na=False)
-    columns = {k: mcfg.get(k) for k in ("path_column", "label_column", "patient_column",
-                                        "view_column", "finding_column")}
+    columns = {k: mcfg.get(k) for k in _MANIFEST_COLUMN_KEYS}
     for key, col in columns.items():
         if col and col not in table.columns:
             raise DatasetError(f"{csv_path}: column '{col}' (dataset.manifest.{key}) missing; its "
@@ -235,24 +267,30 @@ def prepare_image_manifest(raw_dir: Path, frames_dir: Path, ds: Mapping, strict:
     for key in ("path_column", "label_column"):
         if not columns[key]:
             raise ConfigError(f"dataset.manifest.{key} must name a column of {csv_path.name}")
-    classes = list(ds["classes"])
-    to_class = label_map(ds["classes"])
-    ignore = {str(v).strip() for v in ds.get("ignore_labels") or ()}
-    views = None if ds.get("views") is None else {str(v).strip() for v in ds["views"]}
-    if views is not None and not columns["view_column"]:
-        raise ConfigError("dataset.views selects views but dataset.manifest.view_column names "
-                          "no column: set both, or views: null")
-    fmt = _frame_format(ds, "jpg")
-    frames_dir.mkdir(parents=True, exist_ok=True)
+    return csv_path, table, columns
 
-    rows: list[dict] = []
-    problems: list[str] = []
-    pending: list[tuple[str, Path, dict]] = []
-    first_row: dict[str, tuple[int, str]] = {}
-    for i, rec in enumerate(table.to_dict("records"), start=2):  # line 1 is the header
-        where = f"{csv_path.name} line {i}"
+
+class _ManifestSelection:
+    """Which rows of an image-manifest CSV become frames: the dataset's classes, ignored labels
+    and selected views; remembers the first line of each image to catch repeated rows."""
+
+    def __init__(self, ds: Mapping, csv_path: Path, columns: Mapping[str, str | None],
+                 image_root: Path) -> None:
+        self.ds, self.csv_path, self.columns, self.image_root = ds, csv_path, columns, image_root
+        self.classes = list(ds["classes"])
+        self.to_class = label_map(ds["classes"])
+        self.ignore = {str(v).strip() for v in ds.get("ignore_labels") or ()}
+        self.views = None if ds.get("views") is None else {str(v).strip() for v in ds["views"]}
+        if self.views is not None and not columns["view_column"]:
+            raise ConfigError("dataset.views selects views but dataset.manifest.view_column names "
+                              "no column: set both, or views: null")
+        self.first_row: dict[str, tuple[int, str]] = {}
+
+    def triage(self, rec: Mapping[str, str], i: int) -> tuple[str, dict, Path | tuple[str, str]]:
+        """``(source, row fields, image path to convert or (status, reason))`` of CSV line ``i``."""
+        columns, where = self.columns, f"{self.csv_path.name} line {i}"
         rel = rec[columns["path_column"]].strip().replace("\\", "/").removeprefix("./")
-        source = (Path(ds.get("image_dir") or "") / rel).as_posix() if rel else f"<{where}>"
+        source = (Path(self.ds.get("image_dir") or "") / rel).as_posix() if rel else f"<{where}>"
         label_text = rec[columns["label_column"]].strip()
         pid = rec[columns["patient_column"]].strip() if columns["patient_column"] else ""
         extra = {}
@@ -260,56 +298,47 @@ def prepare_image_manifest(raw_dir: Path, frames_dir: Path, ds: Mapping, strict:
             extra["finding"] = rec[columns["finding_column"]].strip()
         if columns["view_column"]:
             extra["view"] = rec[columns["view_column"]].strip()
-        patient = f"meta:{pid}" if pid else f"file:{source}"
-        cls = to_class.get(label_text)
-        base = {"cls": cls or "", "label": classes.index(cls) if cls else -1, "patient": patient,
-                **extra}
+        cls = self.to_class.get(label_text)
+        base = {"cls": cls or "", "label": self.classes.index(cls) if cls else -1,
+                "patient": f"meta:{pid}" if pid else f"file:{source}", **extra}
+        return source, base, self._outcome(rel, i, label_text, cls, extra)
 
-        def skip(reason: str) -> None:
-            problems.append(f"{source}: {reason}")
-            rows.append(_row(source, status="skipped", reason=reason, **base))
-
-        def exclude(reason: str) -> None:
-            rows.append(_row(source, status="excluded", reason=reason, **base))
-
+    def _outcome(self, rel: str, i: int, label_text: str, cls: str | None,
+                 extra: Mapping[str, str]) -> Path | tuple[str, str]:
+        where = f"{self.csv_path.name} line {i}"
         if not rel:
-            skip(f"{where}: empty path (column '{columns['path_column']}')")
-            continue
-        if rel in first_row:
-            line, first_label = first_row[rel]
+            return "skipped", f"{where}: empty path (column '{self.columns['path_column']}')"
+        if rel in self.first_row:
+            line, first_label = self.first_row[rel]
             if first_label == label_text:
-                exclude(f"{where}: listed again (duplicate of line {line})")
-            else:
-                skip(f"{where}: listed again with label '{label_text}' (line {line} says "
-                     f"'{first_label}'); keep one row per image")
-            continue
-        first_row[rel] = (i, label_text)
+                return "excluded", f"{where}: listed again (duplicate of line {line})"
+            return "skipped", (f"{where}: listed again with label '{label_text}' (line {line} says "
+                               f"'{first_label}'); keep one row per image")
+        self.first_row[rel] = (i, label_text)
         if cls is None:
-            if label_text in ignore:
-                exclude(f"label '{label_text}' ignored (dataset.ignore_labels)")
-            else:
-                skip(f"{where}: label '{label_text}' maps to no class (dataset.classes: "
-                     f"{ {c: list(v) for c, v in ds['classes'].items()} })")
-            continue
-        if views is not None and extra.get("view", "") not in views:
-            exclude(f"view '{extra.get('view', '')}' not selected (dataset.views={sorted(views)})")
-            continue
-        path = image_root / rel
+            if label_text in self.ignore:
+                return "excluded", f"label '{label_text}' ignored (dataset.ignore_labels)"
+            return "skipped", (f"{where}: label '{label_text}' maps to no class (dataset.classes: "
+                               f"{ {c: list(v) for c, v in self.ds['classes'].items()} })")
+        if self.views is not None and extra.get("view", "") not in self.views:
+            return "excluded", (f"view '{extra.get('view', '')}' not selected "
+                                f"(dataset.views={sorted(self.views)})")
+        path = self.image_root / rel
         if not path.is_file():
-            skip(f"{where}: file listed in the CSV but missing under {image_root}")
-            continue
+            return "skipped", f"{where}: file listed in the CSV but missing under {self.image_root}"
         if path.suffix.lower() not in IMAGE_EXTS:
-            skip(f"{where}: not an image file ({path.suffix or 'no extension'})")
-            continue
-        pending.append((source, path, base))
-    _convert_pending(pending, frames_dir, ds, fmt, rows, problems)
+            return "skipped", f"{where}: not an image file ({path.suffix or 'no extension'})"
+        return path
 
-    listed = {(image_root / rel).resolve() for rel in first_row}
-    for path in _image_files(image_root):
-        if path.resolve() not in listed and path.resolve() != csv_path.resolve():
-            rows.append(_row(path.relative_to(raw_dir).as_posix(), status="excluded",
-                             reason=f"not listed in {csv_path.name}"))
-    return _finish(rows, problems, classes, strict, f"{csv_path}")
+
+def _unlisted_images(raw_dir: Path, image_root: Path, csv_path: Path,
+                     listed_rel: Iterable[str]) -> list[dict]:
+    """``excluded`` rows of the image files under ``image_root`` that the CSV does not list."""
+    listed = {(image_root / rel).resolve() for rel in listed_rel}
+    return [_row(path.relative_to(raw_dir).as_posix(), status="excluded",
+                 reason=f"not listed in {csv_path.name}")
+            for path in _image_files(image_root)
+            if path.resolve() not in listed and path.resolve() != csv_path.resolve()]
 
 
 # --------------------------------------------------------------------------------------------
@@ -357,29 +386,37 @@ def prepare_image_folders(raw_dir: Path, frames_dir: Path, ds: Mapping, strict: 
         cls = to_class.get(parts[1]) if len(parts) == 3 else None
         base = {"cls": cls or "", "label": classes.index(cls) if cls else -1, "patient": patient,
                 "split": split or ""}
-        if path.name.startswith("."):
-            reason = "hidden file"
-        elif split is None:
-            reason = f"outside the split folders {sorted(split_of)} (dataset.split_dirs)"
-        elif len(parts) != 3:
-            reason = ("directly in the split folder (no class folder)" if len(parts) == 2
-                      else f"in sub-folder '{'/'.join(parts[2:-1])}' of a class folder")
-        elif path.suffix.lower() not in IMAGE_EXTS:
-            reason = f"not an image ({path.suffix or 'no extension'})"
-        elif cls is None and parts[1] in ignore:
-            reason = f"class folder '{parts[1]}' ignored (dataset.ignore_folders)"
-        elif cls is None:
-            msg = (f"class folder '{parts[1]}' maps to no class (dataset.classes: "
-                   f"{ {c: list(v) for c, v in ds['classes'].items()} })")
-            problems.append(f"{source}: {msg}")
-            rows.append(_row(source, status="skipped", reason=msg, **base))
-            continue
-        else:
+        status, reason = _folder_image_status(path, parts, split, cls, split_of, ignore, ds)
+        if status == "used":
             pending.append((source, path, base))
             continue
-        rows.append(_row(source, status="excluded", reason=reason, **base))
+        if status == "skipped":
+            problems.append(f"{source}: {reason}")
+        rows.append(_row(source, status=status, reason=reason, **base))
     _convert_pending(pending, frames_dir, ds, fmt, rows, problems)
     return _finish(rows, problems, classes, strict, str(root))
+
+
+def _folder_image_status(path: Path, parts: tuple[str, ...], split: str | None, cls: str | None,
+                         split_of: Mapping[str, str], ignore: set[str],
+                         ds: Mapping) -> tuple[str, str]:
+    """``("used", "")`` for an image to convert, else ``("excluded" | "skipped", reason)``;
+    ``parts`` is the path under the image root (``<split>/<class folder>/<image>``)."""
+    if path.name.startswith("."):
+        return "excluded", "hidden file"
+    if split is None:
+        return "excluded", f"outside the split folders {sorted(split_of)} (dataset.split_dirs)"
+    if len(parts) != 3:
+        return "excluded", ("directly in the split folder (no class folder)" if len(parts) == 2
+                            else f"in sub-folder '{'/'.join(parts[2:-1])}' of a class folder")
+    if path.suffix.lower() not in IMAGE_EXTS:
+        return "excluded", f"not an image ({path.suffix or 'no extension'})"
+    if cls is None and parts[1] in ignore:
+        return "excluded", f"class folder '{parts[1]}' ignored (dataset.ignore_folders)"
+    if cls is None:
+        return "skipped", (f"class folder '{parts[1]}' maps to no class (dataset.classes: "
+                           f"{ {c: list(v) for c, v in ds['classes'].items()} })")
+    return "used", ""
 
 
 # --------------------------------------------------------------------------------------------

@@ -2,7 +2,7 @@
 
 For every class, a few test frames of that class are taken from the run's
 ``fold_<k>/test_predictions.csv`` (frames of different videos first), and Grad-CAM
-(``pytorch_grad_cam.GradCAM`` on :func:`pipeline.models.zoo.gradcam_target_layer`, for the TRUE class)
+(``pytorch_grad_cam.GradCAM`` on :func:`pipeline.models.classifier.gradcam_target_layer`, for the TRUE class)
 is computed with the model of the fold that held the frame out, so every map comes from a model
 that never saw the frame. The grid has one row per class and one column per example; each cell is
 the frame with its heat map, titled with the true and predicted class and the predicted class's
@@ -67,11 +67,11 @@ def compute_cams(model: nn.Module, images: np.ndarray | torch.Tensor,
     """Grad-CAM maps of a batch, each for its own target class.
 
     Args:
-        model: A model from :func:`pipeline.models.zoo.build_model` (or ``load_model``); put in eval
+        model: A model from :func:`pipeline.models.build.build_model` (or ``load_model``); put in eval
             mode.
         images: ``N x 3 x S x S`` RGB, uint8 (0-255) or float in [0, 1].
         targets: Class index per image (the logit whose gradient weights the channels).
-        layer: Target layer; default :func:`pipeline.models.zoo.gradcam_target_layer`.
+        layer: Target layer; default :func:`pipeline.models.classifier.gradcam_target_layer`.
 
     Returns:
         ``N x S x S`` float32 maps, each min-max normalised to [0, 1] (all zeros when no location
@@ -84,7 +84,7 @@ def compute_cams(model: nn.Module, images: np.ndarray | torch.Tensor,
     from pytorch_grad_cam import GradCAM
     from pytorch_grad_cam.utils.model_targets import ClassifierOutputTarget
 
-    from pipeline.models.zoo import gradcam_target_layer
+    from pipeline.models.classifier import gradcam_target_layer
 
     if layer is None:
         layer = gradcam_target_layer(model)
@@ -208,40 +208,19 @@ def gradcam_grid(run_dir: str | Path, frames_per_class: int = 4, out_png: str | 
     Raises:
         GradCamError: Missing predictions, checkpoint or frame file.
     """
-    from matplotlib.figure import Figure
-
-    from pipeline.models.checkpoint import load_model
-
     run_dir, frames_dir = Path(run_dir), Path(frames_dir)
     out_png = Path(out_png) if out_png else Path("reports/figures") / f"gradcam_{run_dir.name}.png"
     if frames_per_class < 1:
         raise ValueError(f"frames_per_class must be >= 1; got {frames_per_class}")
     preds = load_test_predictions(run_dir)
-    models: dict[int, tuple[nn.Module, dict]] = {}
-
-    def fold_model(fold: int) -> tuple[nn.Module, dict]:
-        if fold not in models:
-            path = run_dir / f"fold_{fold}" / "best.pt"
-            if not path.is_file():
-                raise GradCamError(f"{path} is missing but {PREDICTION_FILE} names fold {fold}: "
-                                   f"re-train the run (dvc repro train@{run_dir.name})")
-            models[fold] = load_model(path)
-        return models[fold]
-
-    first_fold = int(preds["fold"].iloc[0])
-    classes = list(fold_model(first_fold)[1]["classes"])
+    fold_model = _FoldModels(run_dir)
+    classes = list(fold_model(int(preds["fold"].iloc[0]))[1]["classes"])
     missing = [f"prob_{c}" for c in classes if f"prob_{c}" not in preds.columns]
     if missing:
         raise GradCamError(f"{run_dir}: {PREDICTION_FILE} lacks columns {missing} for the "
                            f"checkpoint's classes {classes}: re-train the run")
     rows, cols = len(classes), int(frames_per_class)
-    fig = Figure(figsize=(cols * cell_inches, rows * cell_inches), dpi=dpi)
-    # Fixed margins (no tight bbox), so the PNG's size is known from rows and columns.
-    fig.subplots_adjust(left=0.35 / cols, right=0.99, top=1 - 0.35 / rows, bottom=0.01,
-                        wspace=0.06, hspace=0.35)
-    axes = fig.subplots(rows, cols, squeeze=False)
-    fig.suptitle(f"Grad-CAM (true class) - {run_dir.name}, each frame by its held-out fold's model",
-                 fontsize=9)
+    fig, axes = _grid_figure(rows, cols, cell_inches, dpi, run_dir.name)
     cells: list[list[dict | None]] = []
     warned: set[str] = set()
     for r, cls in enumerate(classes):
@@ -249,40 +228,14 @@ def gradcam_grid(run_dir: str | Path, frames_per_class: int = 4, out_png: str | 
         row_cells: list[dict | None] = []
         for c in range(cols):
             ax = axes[r][c]
-            ax.set_xticks([])
-            ax.set_yticks([])
-            for spine in ax.spines.values():
-                spine.set_visible(False)
-            if c == 0:
-                ax.set_ylabel(cls, fontsize=11, fontweight="bold")
+            _bare_axis(ax, cls if c == 0 else None)
             if c >= len(picked):
                 ax.text(0.5, 0.5, "no test frame" if picked.empty else "", ha="center",
                         va="center", fontsize=8, transform=ax.transAxes)
                 row_cells.append(None)
                 continue
-            row = picked.iloc[c]
-            fold, y_pred = int(row["fold"]), int(row["y_pred"])
-            model, ckpt = fold_model(fold)
-            rgb = _read_rgb(frames_dir / row["frame"])
-            note, flat = "", False
-            try:
-                cam = compute_cam(model, _model_input(rgb, int(ckpt["image_size"]), ckpt["interpolation"]), r)
-                flat = float(cam.max()) == 0.0  # no location raises the class's logit
-                shown = overlay(rgb, cam)
-            except CamUnavailable as exc:
-                note = str(exc)
-                if note not in warned:
-                    log.warning("no heat map, plain frames shown: %s", note)
-                    warned.add(note)
-                shown = rgb
-            ax.imshow(shown)
-            prob = float(row[f"prob_{classes[y_pred]}"])
-            ax.set_title(f"true {cls} / pred {classes[y_pred]} ({prob:.2f})\nfold {fold}"
-                         + (" - no CAM" if note else " - flat CAM" if flat else ""), fontsize=7,
-                         color="tab:green" if y_pred == r else "tab:red")
-            row_cells.append({"frame": str(row["frame"]), "fold": fold, "y_true": r,
-                              "y_pred": y_pred, "prob": prob, "cam": not note,
-                              "flat": flat, "note": note})
+            row_cells.append(_draw_cell(ax, picked.iloc[c], r, classes, fold_model, frames_dir,
+                                        warned))
         cells.append(row_cells)
     out_png.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(out_png, dpi=dpi)
@@ -290,6 +243,76 @@ def gradcam_grid(run_dir: str | Path, frames_per_class: int = 4, out_png: str | 
     log.info("wrote %s (%d classes x %d frames)", out_png, rows, cols)
     return {"out_png": str(out_png), "classes": classes, "rows": rows, "cols": cols,
             "size_px": size, "cells": cells}
+
+
+class _FoldModels:
+    """The fold models of a run, each loaded on first use: ``(model, checkpoint)`` by fold."""
+
+    def __init__(self, run_dir: Path) -> None:
+        self.run_dir = run_dir
+        self.models: dict[int, tuple[nn.Module, dict]] = {}
+
+    def __call__(self, fold: int) -> tuple[nn.Module, dict]:
+        from pipeline.models.checkpoint import load_model
+
+        if fold not in self.models:
+            path = self.run_dir / f"fold_{fold}" / "best.pt"
+            if not path.is_file():
+                raise GradCamError(f"{path} is missing but {PREDICTION_FILE} names fold {fold}: "
+                                   f"re-train the run (dvc repro train@{self.run_dir.name})")
+            self.models[fold] = load_model(path)
+        return self.models[fold]
+
+
+def _grid_figure(rows: int, cols: int, cell_inches: float, dpi: int, run_name: str) -> tuple:
+    """The figure and its ``rows x cols`` axes, with fixed margins (no tight bounding box), so
+    the PNG's size is known from rows and columns."""
+    from matplotlib.figure import Figure
+
+    fig = Figure(figsize=(cols * cell_inches, rows * cell_inches), dpi=dpi)
+    fig.subplots_adjust(left=0.35 / cols, right=0.99, top=1 - 0.35 / rows, bottom=0.01,
+                        wspace=0.06, hspace=0.35)
+    axes = fig.subplots(rows, cols, squeeze=False)
+    fig.suptitle(f"Grad-CAM (true class) - {run_name}, each frame by its held-out fold's model",
+                 fontsize=9)
+    return fig, axes
+
+
+def _bare_axis(ax: Any, label: str | None) -> None:
+    """No ticks or frame; the class name as the row label on the first column."""
+    ax.set_xticks([])
+    ax.set_yticks([])
+    for spine in ax.spines.values():
+        spine.set_visible(False)
+    if label is not None:
+        ax.set_ylabel(label, fontsize=11, fontweight="bold")
+
+
+def _draw_cell(ax: Any, row: pd.Series, r: int, classes: Sequence[str], fold_model: _FoldModels,
+               frames_dir: Path, warned: set[str]) -> dict:
+    """Draw one test frame of true class ``r`` with its Grad-CAM (by its held-out fold's model);
+    return the cell's description (see :func:`gradcam_grid`)."""
+    fold, y_pred = int(row["fold"]), int(row["y_pred"])
+    model, ckpt = fold_model(fold)
+    rgb = _read_rgb(frames_dir / row["frame"])
+    note, flat = "", False
+    try:
+        cam = compute_cam(model, _model_input(rgb, int(ckpt["image_size"]), ckpt["interpolation"]), r)
+        flat = float(cam.max()) == 0.0  # no location raises the class's logit
+        shown = overlay(rgb, cam)
+    except CamUnavailable as exc:
+        note = str(exc)
+        if note not in warned:
+            log.warning("no heat map, plain frames shown: %s", note)
+            warned.add(note)
+        shown = rgb
+    ax.imshow(shown)
+    prob = float(row[f"prob_{classes[y_pred]}"])
+    ax.set_title(f"true {classes[r]} / pred {classes[y_pred]} ({prob:.2f})\nfold {fold}"
+                 + (" - no CAM" if note else " - flat CAM" if flat else ""), fontsize=7,
+                 color="tab:green" if y_pred == r else "tab:red")
+    return {"frame": str(row["frame"]), "fold": fold, "y_true": r, "y_pred": y_pred,
+            "prob": prob, "cam": not note, "flat": flat, "note": note}
 
 
 # --------------------------------------------------------------------------- CLI

@@ -51,7 +51,7 @@ def load_model(path: str | Path) -> tuple[nn.Module, dict]:
     Returns:
         The model and the checkpoint dict (without its state dict).
     """
-    from pipeline.models.zoo import build_model
+    from pipeline.models.build import build_model
 
     ckpt = load_checkpoint(path)
     cfg = dict(ckpt["model_cfg"])

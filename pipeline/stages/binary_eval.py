@@ -16,8 +16,8 @@ thresholds (the study's 0.15/0.20/0.25/0.30), and two operating points at a targ
   validation predictions the held-out point is reported as unavailable, never estimated.
 
 Every figure at every threshold and both points, and the AUC, get a 95% percentile interval from
-:func:`pipeline.evaluation.metrics.patient_bootstrap` (whole patients resampled, seeded by ``seed``;
-statistic :class:`pipeline.evaluation.metrics.BinaryFigures`); the study's Wald intervals
+:func:`pipeline.evaluation.bootstrap.patient_bootstrap` (whole patients resampled, seeded by ``seed``;
+statistic :class:`pipeline.evaluation.bootstrap_figures.BinaryFigures`); the study's Wald intervals
 (``z * sqrt(p (1 - p) / N)`` over images) stay beside them for comparison with the paper. Also
 the ROC with both points and the predicted-score histogram per subgroup (the manifest's
 ``finding`` column, else the true class). The t-SNE of penultimate features is optional
@@ -51,7 +51,8 @@ import torch  # noqa: E402
 from sklearn.metrics import roc_auc_score  # noqa: E402
 
 from pipeline.core.config import ConfigError, get, load_params  # noqa: E402
-from pipeline.evaluation.metrics import BINARY_FIGURES, BinaryFigures, patient_bootstrap  # noqa: E402
+from pipeline.evaluation.bootstrap import patient_bootstrap  # noqa: E402
+from pipeline.evaluation.bootstrap_figures import BINARY_FIGURES, BinaryFigures  # noqa: E402
 
 log = logging.getLogger("pipeline.stages.binary_eval")
 
@@ -461,7 +462,6 @@ def evaluate_cell(preds: pd.DataFrame, classes: Sequence[str], positive: str, cf
     pooled.to_csv(out_dir / "sweep.csv", index=False)
 
     held_point = _held_out_point(held, preds["fold"].to_numpy(), y, s, target, z, boot)
-    held_ok = held_point["available"]
     op["label"] = FITTED_LABEL
     op["bootstrap"] = {f: _interval(boot, f"fitted.{f}") for f in BINARY_FIGURES}
     op["auc"] = auc
@@ -474,21 +474,35 @@ def evaluate_cell(preds: pd.DataFrame, classes: Sequence[str], positive: str, cf
     points.to_csv(out_dir / "operating_points.csv", index=False)
     (out_dir / "sweep.md").write_text(_markdown(pooled, by_fold, points, out_dir.name, positive, boot))
 
+    _cell_figures(y, s, op, held_point, out_dir, auc, positive, int(cfg["bins"]),
+                  subgroups if subgroups is not None else pd.Series(
+                      [classes[i] for i in preds["y_true"]], index=preds.index))
+    return _compact_figures(op, held_point, pooled, auc)
+
+
+def _cell_figures(y: np.ndarray, s: np.ndarray, op: Mapping, held_point: Mapping, out_dir: Path,
+                  auc: float, positive: str, bins: int, groups: pd.Series) -> None:
+    """A cell's ROC with both operating points (when both classes occur) and the score
+    histogram per subgroup, as PNG and CSV."""
+    held_ok = held_point["available"]
     if 0 < y.sum() < len(y):
         roc_figure(y, s, {"fitted on test": op, "held out": held_point if held_ok else {}},
                    out_dir / "roc.png", f"{out_dir.name}: AUC {auc:.3f}").to_csv(
                        out_dir / "roc.csv", index=False)
-    groups = subgroups if subgroups is not None else pd.Series(
-        [classes[i] for i in preds["y_true"]], index=preds.index)
     hist = score_histograms(pd.DataFrame({"score": s, "subgroup": groups.fillna("?").to_numpy()}),
-                            "score", "subgroup", out_dir / "histogram.png", int(cfg["bins"]),
+                            "score", "subgroup", out_dir / "histogram.png", bins,
                             {"fitted on test": op["threshold"],
                              **({"held out": held_point["thresholds"][0]} if held_ok
                                 and len(set(held_point["thresholds"])) == 1 else {})},
                             f"{out_dir.name}: P({positive})")
     hist.to_csv(out_dir / "histogram.csv", index=False)
+
+
+def _compact_figures(op: Mapping, held_point: Mapping, pooled: pd.DataFrame, auc: float) -> dict:
+    """A cell's entry of ``binary_metrics.json``: AUC, both operating points, the sweep."""
     compact_held = ({k: held_point[k] for k in ("sensitivity", "specificity", "accuracy")}
-                    | {"thresholds": held_point["thresholds"]} if held_ok else {"available": False})
+                    | {"thresholds": held_point["thresholds"]} if held_point["available"]
+                    else {"available": False})
     return {"auc": auc, "auc_ci": list(op["auc_bootstrap"]),
             "operating_point": {k: op[k] for k in
                                 ("threshold", "sensitivity", "specificity", "accuracy")},

@@ -18,13 +18,10 @@ import pandas as pd
 from sklearn.metrics import roc_curve
 
 from pipeline.core.config import get, load_params
-from pipeline.evaluation.metrics import (
-    aggregate_videos,
-    mcnemar_test,
-    paired_bootstrap_difference,
-    patient_bootstrap,
-    summarize_folds,
-)
+from pipeline.evaluation.aggregation import aggregate_videos
+from pipeline.evaluation.bootstrap import patient_bootstrap
+from pipeline.evaluation.classification import summarize_folds
+from pipeline.evaluation.comparisons import mcnemar_test, paired_bootstrap_difference
 
 log = logging.getLogger("pipeline.stages.evaluate")
 

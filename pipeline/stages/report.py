@@ -94,21 +94,53 @@ def build_tables(params: Mapping, evaluation: Mapping, runs: Mapping[str, dict],
                  parity: Mapping[str, dict], out_dir: Path) -> list[str]:
     """All tables; returns their Markdown sections in the study's order."""
     folds_dir = Path(get(params, "folds.dir"))
-    classes = evaluation["classes"]
     prov = provenance(params, runs)
     leak = ["Validation used the TEST fold (the study's notebooks' protocol): these numbers leak."
             ] if get(params, "folds.validation") == "test_fold" else []
     pub = published.get("rows", {})
-    sections = []
-    sections.append(write_table(folds_table, out_dir, "table1_folds",
-                                "Table I — frames (videos, patients) per class in each test fold",
-                                prov, split_notes(folds_dir)))
+    sections: list[str] = []
+
+    def add(rows: pd.DataFrame | list[dict], name: str, title: str,
+            notes: Sequence[str] = ()) -> None:
+        sections.append(write_table(pd.DataFrame(rows), out_dir, name, title, prov, notes))
+
+    add(folds_table, "table1_folds",
+        "Table I — frames (videos, patients) per class in each test fold", split_notes(folds_dir))
     val_path = folds_dir / "val_table.csv"
     if val_path.is_file():
-        sections.append(write_table(
-            pd.read_csv(val_path), out_dir, "table1_validation",
+        add(pd.read_csv(val_path), "table1_validation",
             "Validation — frames (videos, patients) per class in each fold's validation set, "
-            "with each class's share of validation and of training frames", prov))
+            "with each class's share of validation and of training frames")
+    add(complexity_rows(runs, benchmarks, published), "table2_complexity",
+        "Table II — parameters, FLOPs, memory and file size per model",
+        ["FLOPs = 2 x MACs at the input size (torch FlopCounterMode); "
+         "memory = weights + activations of one forward."])
+    if rows := parity_rows(parity):
+        add(rows, "export_parity",
+            "Export parity — every fold's files vs PyTorch on real test frames (worst fold)")
+    if rows := latency_rows(benchmarks):
+        add(rows, "table9_latency",
+            "Table IX — batch-1 latency (median, p90 over the runs after warm-up) per runtime",
+            ["The study timed TFLite models on a Raspberry Pi 4 and a Jetson AGX Xavier; run this "
+             "stage against such a device with `-S benchmark.remote=...` (README)."])
+    for number, roman, cls in zip((4, 5, 6), ("IV", "V", "VI"), evaluation["classes"]):
+        add(class_rows(evaluation, cls, pub), f"table{number}_{cls}",
+            f"Table {roman} — {cls} class, frame level, pooled over folds "
+            "(95% CI by bootstrap over patients)", leak)
+    add(accuracy_rows(evaluation, runs, pub), "table7_accuracy",
+        "Table VII — accuracy over all classes and training time", leak + published_notes(published))
+    if rows := ablation_rows(evaluation, pub):  # the ablation needs both losses in the grid
+        add(rows, "table8_ablation",
+            "Table VIII — cross-entropy vs focal loss (paired over the same patients)", leak)
+    if rows := vs_mini_covidnet_rows(evaluation):
+        add(rows, "comparisons_vs_mini_covidnet",
+            "Each row vs Mini-COVIDNet (paired over the same patients)")
+    return sections
+
+
+def complexity_rows(runs: Mapping[str, dict], benchmarks: Mapping[str, dict],
+                    published: Mapping) -> list[dict]:
+    """Table II: one row per model (parameters from the runs, the rest from the benchmark)."""
     rows = []
     for model in dict.fromkeys(r["model"] for r in runs.values()):
         r = next(r for r in runs.values() if r["model"] == model)
@@ -122,10 +154,11 @@ def build_tables(params: Mapping, evaluation: Mapping, runs: Mapping[str, dict],
                      "memory MB": c["memory_bytes"] / 1e6 if c.get("memory_bytes") else None,
                      **{f"{name} MB": sizes[name] / 1e6 for name in sizes},
                      "input px": c.get("image_size"), "init": r.get("init")})
-    sections.append(write_table(pd.DataFrame(rows), out_dir, "table2_complexity",
-                                "Table II — parameters, FLOPs, memory and file size per model",
-                                prov, ["FLOPs = 2 x MACs at the input size (torch FlopCounterMode); "
-                                       "memory = weights + activations of one forward."]))
+    return rows
+
+
+def parity_rows(parity: Mapping[str, dict]) -> list[dict]:
+    """Export parity: one row per run and exported format."""
     rows = []
     for cell, p in parity.items():
         for fmt_name, f in p.get("per_format", {}).items():
@@ -133,10 +166,11 @@ def build_tables(params: Mapping, evaluation: Mapping, runs: Mapping[str, dict],
                          "min top-1 agreement": f.get("min_top1_agreement"),
                          "accuracy change": f.get("mean_accuracy_change"),
                          "within tolerance": f.get("passed")})
-    if rows:
-        sections.append(write_table(pd.DataFrame(rows), out_dir, "export_parity",
-                                    "Export parity — every fold's files vs PyTorch on real test frames "
-                                    "(worst fold)", prov))
+    return rows
+
+
+def latency_rows(benchmarks: Mapping[str, dict]) -> list[dict]:
+    """Table IX: one row per model and timed runtime."""
     rows = []
     for model, b in benchmarks.items():
         sizes = b.get("complexity", {}).get("file_size_bytes", {})
@@ -147,29 +181,28 @@ def build_tables(params: Mapping, evaluation: Mapping, runs: Mapping[str, dict],
                          "file MB": (sizes.get(rec["format"]) or 0) / 1e6 or None,
                          "host": f"{rec.get('host')}: {rec.get('device', {}).get('cpu')} "
                                  f"({rec.get('device', {}).get('cores')} cores)"})
-    if rows:
-        sections.append(write_table(pd.DataFrame(rows), out_dir, "table9_latency",
-                                    "Table IX — batch-1 latency (median, p90 over the runs after "
-                                    "warm-up) per runtime", prov,
-                                    ["The study timed TFLite models on a Raspberry Pi 4 and a Jetson "
-                                     "AGX Xavier; run this stage against such a device with "
-                                     "`-S benchmark.remote=...` (README)."]))
-    for num, cls in zip(("4", "5", "6"), classes):
-        rows = []
-        for cell, e in evaluation["cells"].items():
-            pc = e["frame"]["pooled"]["per_class"][cls]
-            boot = e["bootstrap"]
-            p = pub.get(cell, {})
-            rows.append({"row": cell,
-                         "sensitivity [95% CI]": ci_text(boot, f"per_class.{cls}.sensitivity"),
-                         "specificity [95% CI]": ci_text(boot, f"per_class.{cls}.specificity"),
-                         "precision": pc["precision"], "F1": pc["f1"], "AUC": pc.get("auc"),
-                         "published sens.": p.get("sensitivity", {}).get(cls),
-                         "published spec.": p.get("specificity", {}).get(cls)})
-        roman = {"4": "IV", "5": "V", "6": "VI"}[num]
-        sections.append(write_table(pd.DataFrame(rows), out_dir, f"table{num}_{cls}",
-                                    f"Table {roman} — {cls} class, frame level, pooled over folds "
-                                    "(95% CI by bootstrap over patients)", prov, leak))
+    return rows
+
+
+def class_rows(evaluation: Mapping, cls: str, pub: Mapping[str, dict]) -> list[dict]:
+    """Tables IV-VI: the figures of class ``cls`` for every run."""
+    rows = []
+    for cell, e in evaluation["cells"].items():
+        pc = e["frame"]["pooled"]["per_class"][cls]
+        boot = e["bootstrap"]
+        p = pub.get(cell, {})
+        rows.append({"row": cell,
+                     "sensitivity [95% CI]": ci_text(boot, f"per_class.{cls}.sensitivity"),
+                     "specificity [95% CI]": ci_text(boot, f"per_class.{cls}.specificity"),
+                     "precision": pc["precision"], "F1": pc["f1"], "AUC": pc.get("auc"),
+                     "published sens.": p.get("sensitivity", {}).get(cls),
+                     "published spec.": p.get("specificity", {}).get(cls)})
+    return rows
+
+
+def accuracy_rows(evaluation: Mapping, runs: Mapping[str, dict],
+                  pub: Mapping[str, dict]) -> list[dict]:
+    """Table VII: accuracy (frame, fold, video), macro-F1, MCC, AUC and training time per run."""
     rows = []
     for cell, e in evaluation["cells"].items():
         f = e["frame"]
@@ -182,12 +215,19 @@ def build_tables(params: Mapping, evaluation: Mapping, runs: Mapping[str, dict],
                      "AUC": f["pooled"].get("auc_ovr"),
                      "train min/fold": runs.get(cell, {}).get("train_minutes_per_fold"),
                      "published acc.": p.get("accuracy"), "published AUC": p.get("auc")})
+    return rows
+
+
+def published_notes(published: Mapping) -> list[str]:
+    """Notes naming the published source and its training time."""
     notes = [f"Published: {published['source']}."] if published.get("source") else []
     if published.get("training_minutes_per_fold"):
         notes.append(f"Published training time: {published['training_minutes_per_fold']} min per fold.")
-    sections.append(write_table(pd.DataFrame(rows), out_dir, "table7_accuracy",
-                                "Table VII — accuracy over all classes and training time", prov,
-                                leak + notes))
+    return notes
+
+
+def ablation_rows(evaluation: Mapping, pub: Mapping[str, dict]) -> list[dict]:
+    """Table VIII: focal vs cross-entropy of the same model (comparisons ``<m>-focal vs <m>-ce``)."""
     rows = []
     for name, comp in evaluation["comparisons"].items():
         if "-focal vs " not in name or not name.split(" vs ")[1].endswith("-ce"):
@@ -203,10 +243,11 @@ def build_tables(params: Mapping, evaluation: Mapping, runs: Mapping[str, dict],
                      "bootstrap p": d.get("p_value"), "McNemar p (videos)": mc["p_value"],
                      "published CE": pub.get(b, {}).get("accuracy"),
                      "published focal": pub.get(a, {}).get("accuracy")})
-    if rows:  # the ablation needs both losses in the grid
-        sections.append(write_table(pd.DataFrame(rows), out_dir, "table8_ablation",
-                                    "Table VIII — cross-entropy vs focal loss (paired over the same "
-                                    "patients)", prov, leak))
+    return rows
+
+
+def vs_mini_covidnet_rows(evaluation: Mapping) -> list[dict]:
+    """Each run vs Mini-COVIDNet with the same loss (comparisons ``<m>-<loss> vs mini_covidnet-<loss>``)."""
     rows = []
     for name, comp in evaluation["comparisons"].items():
         a, b = name.split(" vs ")
@@ -216,10 +257,7 @@ def build_tables(params: Mapping, evaluation: Mapping, runs: Mapping[str, dict],
         rows.append({"row": a, "vs": b, "accuracy difference [95% CI]":
                      f"{fmt(d['diff'])} [{fmt(d['low'])}, {fmt(d['high'])}]",
                      "McNemar p (videos)": mc["p_value"]})
-    if rows:
-        sections.append(write_table(pd.DataFrame(rows), out_dir, "comparisons_vs_mini_covidnet",
-                                    "Each row vs Mini-COVIDNet (paired over the same patients)", prov))
-    return sections
+    return rows
 
 
 def _ci(value: float, low: float, high: float) -> str:
@@ -446,7 +484,7 @@ def load_runs(cells: Sequence[str], models_dir: Path, params: Mapping) -> dict[s
     """Each cell's run record and metrics, with its model's parameter counts (from the trained
     checkpoint, or built from the config when only the predictions were kept)."""
     from pipeline.models.checkpoint import load_model
-    from pipeline.models.zoo import build_model, count_parameters
+    from pipeline.models.build import build_model, count_parameters
 
     runs = {}
     for cell in cells:

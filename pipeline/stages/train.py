@@ -151,7 +151,7 @@ def prediction_table(part: pd.DataFrame, fold: int, probs: np.ndarray,
 def train_fold(params: Mapping, model_name: str, loss_name: str, fold: int, store: FrameStore,
                splits: pd.DataFrame, out_dir: Path, tracker: Tracker) -> pd.DataFrame:
     """Train one fold; write its checkpoint, history and test predictions; return the latter."""
-    from pipeline.models.zoo import build_model
+    from pipeline.models.build import build_model
     from pipeline.training.losses import build_loss
 
     tcfg = get(params, "train")
@@ -302,7 +302,7 @@ def train_fold(params: Mapping, model_name: str, loss_name: str, fold: int, stor
             table.to_csv(fold_dir / f"{split}_predictions.csv", index=False)
         preds = tables["test"]
 
-        from pipeline.evaluation.metrics import classification_metrics, metrics_to_flat
+        from pipeline.evaluation.classification import classification_metrics, metrics_to_flat
 
         m = classification_metrics(preds["y_true"].to_numpy(), preds["y_pred"].to_numpy(),
                                    probs["test"], classes)
@@ -327,7 +327,7 @@ def summarize_cell(out_dir: Path, folds: Sequence[int], classes: Sequence[str]) 
     """Join the folds' test predictions into ``predictions.csv`` and write the cell's
     ``metrics.json`` (what ``dvc exp show`` lists). Also used to collect folds trained in
     separate processes (e.g. in parallel on one GPU)."""
-    from pipeline.evaluation.metrics import summarize_folds
+    from pipeline.evaluation.classification import summarize_folds
 
     preds = pd.concat([pd.read_csv(out_dir / f"fold_{k}" / "test_predictions.csv",
                                    dtype={"patient": str}) for k in folds], ignore_index=True)
@@ -348,7 +348,7 @@ def summarize_cell(out_dir: Path, folds: Sequence[int], classes: Sequence[str]) 
 def run(params: Mapping, model_name: str, loss_name: str, folds: Sequence[int],
         out_root: Path = Path("models")) -> dict:
     """Train the given folds of one grid cell; write the cell's predictions and metrics."""
-    from pipeline.models.zoo import describe_init
+    from pipeline.models.catalog import describe_init
 
     model_cfg, loss_cfg = select_run(params, model_name, loss_name)
     ds, fcfg, tcfg = get(params, "dataset"), get(params, "folds"), get(params, "train")
