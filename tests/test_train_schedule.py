@@ -12,7 +12,7 @@ import yaml
 
 from pipeline.core.config import ConfigError
 from pipeline.data.loading import FrameStore, decode_frames, resize_square
-from pipeline.stages.train import lr_milestones, milestones_passed
+from pipeline.training.schedule import lr_milestones, milestones_passed
 from tests.conftest import make_tiny_project
 from tests.test_resume import _train_in_process
 
