@@ -192,7 +192,8 @@ def _keras_lrs(val_losses, steps_per_epoch, base, decay, factor, patience):
 def test_train_stage_follows_the_paper_protocol_on_a_tiny_project(tmp_path, monkeypatch):
     params = make_tiny_project(tmp_path, epochs=12)
     params["train"]["optimizer"].update(lr=3e-3, decay=0.05)
-    params["train"].update(early_stopping={"patience": 3}, lr_plateau={"factor": 0.1, "patience": 1})
+    params["train"].update(early_stopping={"patience": 3},
+                           lr_plateau={"factor": 0.1, "patience": 1})
     (tmp_path / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
     _train_in_process(tmp_path, monkeypatch)
 

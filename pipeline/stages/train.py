@@ -30,30 +30,12 @@ import pandas as pd
 import torch
 
 from pipeline.core.cli import run_main
-from pipeline.core.config import (
-    ConfigError,
-    apply_overrides,
-    get,
-    load_params,
-    select_run,
-)
+from pipeline.core.config import ConfigError, apply_overrides, get, load_params, select_run
 from pipeline.core.tracking import Tracker, standard_tags
-from pipeline.data.loading import (
-    FrameStore,
-    audited_splits,
-    interpolation_of,
-    used_frames,
-)
+from pipeline.data.loading import FrameStore, audited_splits, interpolation_of, used_frames
 from pipeline.models.checkpoint import save_checkpoint
-from pipeline.training.fold import build_learner, fold_parts, fold_tensors
-from pipeline.training.loop import (
-    EpochPlan,
-    Learner,
-    ResumeFile,
-    epoch_seed,
-    fit,
-    pick_device,
-)
+from pipeline.training.fold import build_learner, fold_split, fold_tensors, training_parts
+from pipeline.training.loop import EpochPlan, Learner, ResumeFile, epoch_seed, fit, pick_device
 from pipeline.training.schedule import Schedule, ScheduleState
 from pipeline.training.steps import precision
 
@@ -71,7 +53,8 @@ class FoldRun:
     """One fold ready to train: its frames, model, schedule and (possibly resumed) state."""
 
     fold: int
-    parts: dict[str, pd.DataFrame]
+    split: dict[str, pd.DataFrame]  # the fold's frames per split, as selected
+    parts: dict[str, pd.DataFrame]  # what it trains on: ``split``, the minority oversampled
     learner: Learner
     plan: EpochPlan
     schedule: Schedule
@@ -91,7 +74,8 @@ def prepare_fold(params: Mapping, model_name: str, loss_name: str, fold: int, st
     if device.type == "cpu" and tcfg.get("deterministic", True):
         torch.use_deterministic_algorithms(True, warn_only=True)
 
-    parts = fold_parts(store.frames, splits, fold, tcfg)
+    split = fold_split(store.frames, splits, fold, tcfg)
+    parts = training_parts(split, tcfg)
     images, labels = fold_tensors(store, parts, device)
     log.info("fold %d: %d train / %d val / %d test frames on %s", fold,
              *(len(parts[s]) for s in ("train", "val", "test")), device)
@@ -109,7 +93,7 @@ def prepare_fold(params: Mapping, model_name: str, loss_name: str, fold: int, st
         log.info("fold %d: resuming after epoch %d from %s", fold, state.epoch + 1, resume.path)
     plan = EpochPlan(images, labels, epochs=int(tcfg["epochs"]), batch_size=int(tcfg["batch_size"]),
                      augment=tcfg["augment"], seed=seed, fold=fold)
-    return FoldRun(fold, parts, learner, plan, Schedule.from_config(tcfg), state, resume)
+    return FoldRun(fold, split, parts, learner, plan, Schedule.from_config(tcfg), state, resume)
 
 
 def prediction_table(part: pd.DataFrame, fold: int, probs: np.ndarray,
@@ -136,14 +120,15 @@ def save_fold(fold_run: FoldRun, fold_dir: Path, params: Mapping, model_name: st
     model_cfg, _ = select_run(params, model_name, loss_name)
     save_checkpoint(fold_dir / "best.pt", fold_run.learner.model, model_cfg=model_cfg,
                     classes=list(get(params, "dataset.classes")),
-                    image_size=int(get(params, "train.image_size")), epoch=fold_run.state.best_epoch,
+                    image_size=int(get(params, "train.image_size")),
+                    epoch=fold_run.state.best_epoch,
                     interpolation=interpolation,
                     meta={"model": model_name, "loss": loss_name, "fold": fold_run.fold,
                           "seed": int(get(params, "seed"))})
     pd.DataFrame(fold_run.state.history).to_csv(fold_dir / "history.csv", index=False)
 
 
-# Record: every MLflow call of a fold is in the three functions below.
+# Record: the MLflow calls of a fold, inside the child run that train_fold opens.
 
 def record_resumed_epochs(tracker: Tracker, state: ScheduleState) -> None:
     """A resumed run re-logs the epochs it already has."""
@@ -152,6 +137,7 @@ def record_resumed_epochs(tracker: Tracker, state: ScheduleState) -> None:
 
 
 def record_epoch(tracker: Tracker, row: Mapping) -> None:
+    """One finished epoch's history row, at its epoch as the step."""
     tracker.log_metrics({k: v for k, v in row.items() if k != "epoch"}, step=row["epoch"])
 
 
@@ -195,8 +181,8 @@ def train_fold(params: Mapping, model_name: str, loss_name: str, fold: int, stor
         fit(fold_run.learner, fold_run.plan, fold_run.schedule, fold_run.state, fold_run.resume,
             on_epoch=lambda row: record_epoch(tracker, row))
         save_fold(fold_run, fold_dir, params, model_name, loss_name, store.interpolation)
-        preds = record_fold(fold_run, fold_dir, predict_fold(fold_run), list(get(params, "dataset.classes")),
-                            tracker)
+        classes = list(get(params, "dataset.classes"))
+        preds = record_fold(fold_run, fold_dir, predict_fold(fold_run), classes, tracker)
     fold_run.resume.remove()
     return preds
 

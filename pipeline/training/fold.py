@@ -28,14 +28,18 @@ def oversample_minority(train: pd.DataFrame, factor: int) -> pd.DataFrame:
     return pd.concat([train] + [train[train["label"] == minority]] * (factor - 1))
 
 
-def fold_parts(frames: pd.DataFrame, splits: pd.DataFrame, fold: int, tcfg: Mapping
+def fold_split(frames: pd.DataFrame, splits: pd.DataFrame, fold: int, tcfg: Mapping
                ) -> dict[str, pd.DataFrame]:
-    """The frames of each split of ``fold``: at most ``train.max_frames_per_source`` per source,
-    the training side oversampled by ``train.minority_oversample``."""
+    """The frames of each split of ``fold``, at most ``train.max_frames_per_source`` per source."""
     limit = tcfg.get("max_frames_per_source")
-    parts = {s: subsample_per_source(fold_frames(frames, splits, fold, s), limit) for s in SPLITS}
-    parts["train"] = oversample_minority(parts["train"], int(tcfg.get("minority_oversample") or 1))
-    return parts
+    return {s: subsample_per_source(fold_frames(frames, splits, fold, s), limit) for s in SPLITS}
+
+
+def training_parts(split: Mapping[str, pd.DataFrame], tcfg: Mapping) -> dict[str, pd.DataFrame]:
+    """The frames a fold trains, validates and tests on: ``split`` with the training side
+    oversampled by ``train.minority_oversample``."""
+    factor = int(tcfg.get("minority_oversample") or 1)
+    return {**split, "train": oversample_minority(split["train"], factor)}
 
 
 def fold_tensors(store: FrameStore, parts: Mapping[str, pd.DataFrame], device: torch.device

@@ -20,13 +20,7 @@ import torch
 from pipeline.core.config import ConfigError
 from pipeline.data.loading import augment_batch
 from pipeline.training.schedule import Schedule, ScheduleState
-from pipeline.training.steps import (
-    CudaGraphStep,
-    current_lr,
-    lr_to_device,
-    optimize_step,
-    set_lr,
-)
+from pipeline.training.steps import CudaGraphStep, current_lr, lr_to_device, optimize_step, set_lr
 
 log = logging.getLogger("pipeline.training.loop")
 
@@ -160,7 +154,8 @@ class ResumeFile:
         self.path = path
 
     def load(self, learner: Learner) -> ScheduleState | None:
-        """Restore the model and optimiser from the file; its schedule state, or None without one."""
+        """Restore the model and optimiser from the file and return its schedule state; None
+        where there is no file."""
         if not self.path.is_file():
             return None
         saved = torch.load(self.path, map_location="cpu", weights_only=False)
@@ -172,8 +167,8 @@ class ResumeFile:
     def save(self, learner: Learner, state: ScheduleState) -> None:
         self.path.parent.mkdir(parents=True, exist_ok=True)
         tmp = self.path.with_suffix(".tmp")
-        torch.save({"model": learner.model.state_dict(), "optimizer": learner.optimizer.state_dict(),
-                    "state": state.as_dict()}, tmp)
+        torch.save({"model": learner.model.state_dict(),
+                    "optimizer": learner.optimizer.state_dict(), "state": state.as_dict()}, tmp)
         os.replace(tmp, self.path)
 
     def remove(self) -> None:
