@@ -5,7 +5,7 @@ Layers, each importing only from the ones above it in this list (``tests/test_la
 ``core``        errors and CLI entry (``cli``), params (``config``), file digests, MLflow tracking
 ``data``        dataset adapters (``sources.ADAPTERS``), frame decoding, duplicate linking, loading
 ``models``      the architectures, checkpoints, complexity
-``training``    losses and the optimisation step
+``training``    losses, the optimisation step, the schedule and the epoch loop
 ``evaluation``  metrics with intervals, Grad-CAM
 ``deploy``      ONNX/TFLite conversion with parity, the runtime runner the benchmark times
 ``stages``      one module per ``dvc.yaml`` stage: a thin ``main()`` doing I/O around the library

@@ -1,7 +1,7 @@
 """Training throughput: images/s per model through the real data path vs random tensors.
 
 ``python -m pipeline.throughput [--models ...] [--batch-sizes 16 128] [--out reports/throughput]``
-times ``pipeline.stages.train.train_step`` (uint8 frames already on the device, gathered, scaled and
+times ``pipeline.training.loop.train_step`` (uint8 frames already on the device, gathered, scaled and
 augmented there; bf16 autocast and channels-last on CUDA, and on a CPU with ``train.cpu_amp``)
 against the same model fed one pre-made random float batch with no augmentation (the reference
 measurement of REFERENCE.md).
@@ -23,7 +23,7 @@ from pathlib import Path
 import torch
 
 from pipeline.core.config import apply_overrides, compose, get, load_params
-from pipeline.stages.train import pick_device, train_step
+from pipeline.training.loop import pick_device, train_step
 from pipeline.training.steps import CudaGraphStep, make_adam, optimize_step, precision
 
 log = logging.getLogger("pipeline.throughput")

@@ -70,7 +70,7 @@ def test_cuda_graph_key_leaves_cpu_training_unchanged(tmp_path, monkeypatch, cap
         params = make_tiny_project(root, epochs=2)
         params["train"]["cuda_graph"] = flag
         monkeypatch.chdir(root)
-        with caplog.at_level("INFO", logger="pipeline.stages.train"):
+        with caplog.at_level("INFO", logger="pipeline.training.fold"):
             run(params, "mini_covidnet", "ce", [0])
         fold = root / "models" / "mini_covidnet-ce" / "fold_0"
         metrics = json.loads((fold / "metrics.json").read_text())
