@@ -11,6 +11,7 @@ clean.
 
 from __future__ import annotations
 
+import io
 import json
 import os
 import shutil
@@ -249,6 +250,14 @@ def test_offline_round_trip_bundle_run_elsewhere_merge_then_dvc_clean(tmp_path):
     with pytest.raises(UserError, match="params.yaml differs in train"):
         merge(results, project)
     (project / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+    # Other folds here than the ones trained on: refused too.
+    splits = project / "data" / "folds" / "splits.csv"
+    original = splits.read_bytes()
+    splits.write_bytes(original + b"\n")
+    with pytest.raises(UserError, match="the splits here differ"):
+        merge(results, project)
+    splits.write_bytes(original)
+    assert not (project / "models").exists()
 
     out = merge(results, project)
     assert out["cells"] == ["mini_covidnet-ce"] and len(out["placed"]) == 2
@@ -262,3 +271,42 @@ def test_offline_round_trip_bundle_run_elsewhere_merge_then_dvc_clean(tmp_path):
     _dvc(project, "commit", "-f", "train@mini_covidnet-ce")
     assert json.loads(_dvc(project, "status", "--json")) == {}
     assert "Running stage" not in _dvc(project, "repro")
+
+
+def test_offline_deadline_cuts_a_fold_off_and_brings_back_its_partial_history(tmp_path):
+    """A bundle whose first fold cannot finish before ``--deadline``: the fold is killed, its
+    per-epoch history so far comes back under ``partial/``, the other fold never starts, and
+    ``merge`` places nothing."""
+    import tarfile
+
+    from pipeline.core.cli import UserError
+    from pipeline.grid.merge import merge
+    from pipeline.grid.offline import bundle
+
+    project = tmp_path / "project"
+    _tiny_dvc_project(project, losses=("ce",))
+    params = yaml.safe_load((project / "params.yaml").read_text())
+    params["train"].update(epochs=100_000)
+    params["train"]["early_stopping"]["patience"] = 100_000
+    (project / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+    bundle(project, tmp_path / "b.tar")
+    with tarfile.open(tmp_path / "b.tar") as tar:
+        tar.extractall(tmp_path / "there", filter="data")
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+    proc = subprocess.run([sys.executable, str(tmp_path / "there" / "b" / "run.py"),
+                           "--deadline", "45", "--gpus", "none"],
+                          env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stdout + proc.stderr  # cut off is not a failure
+
+    results = tmp_path / "there" / "b" / "results.tar"
+    with tarfile.open(results) as tar:
+        names = set(tar.getnames())
+        text = {n: tar.extractfile(n).read().decode()
+                for n in ("done.txt", "log.txt", "partial/mini_covidnet-ce-fold_0.csv")}
+    assert not any(n.startswith("models/") for n in names)
+    assert text["done.txt"].split()[1:] == ["mini_covidnet", "ce", "0", "exit", "cut", "off"]
+    assert "1 not started" in text["log.txt"]
+    history = pd.read_csv(io.StringIO(text["partial/mini_covidnet-ce-fold_0.csv"]))
+    assert len(history) >= 1 and list(history["epoch"]) == list(range(len(history)))
+    with pytest.raises(UserError, match="no models/"):
+        merge(results, project)

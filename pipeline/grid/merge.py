@@ -108,6 +108,10 @@ def merge(results: str | Path, project_dir: str | Path = ".", *,
         bundle = json.loads(read_member(tar, "bundle.json"))
         trained = yaml.safe_load(read_member(tar, "params.yaml"))
         folds = finished_folds(tar)
+        if not folds and store is None:
+            raise UserError(f"{results} has no finished fold (no models/<cell>/fold_<k>/ with "
+                            f"all its outputs; its done.txt and log.txt say why); --store DIR "
+                            f"keeps its logs and partial histories in a runs store")
         placed, skipped = [], {}
         for (cell, k), members in sorted(folds.items()):
             model, loss = cell.rsplit("-", 1)
