@@ -1,5 +1,7 @@
-"""Many trainings outside ``dvc repro``: the grid (grid.models x grid.losses x train.folds), one
-process per (model, loss, fold), written where the DVC ``train`` stage writes.
+"""Many trainings outside ``dvc repro``.
+
+The grid (grid.models x grid.losses x train.folds) trains as one process per (model, loss,
+fold), written where the DVC ``train`` stage writes.
 
 ``python -m pipeline.grid [--backend ray|local] ...`` trains the grid here:
 
@@ -37,6 +39,7 @@ from pipeline.grid.backends import run_backend
 from pipeline.grid.tasks import (
     FoldTask,
     check_overrides,
+    check_training_inputs,
     plan_tasks,
     summarize_cells,
     warm_frame_cache,
@@ -69,6 +72,7 @@ def run_grid(project_dir: str | Path = ".", *, backend: str = "ray",
     check_overrides(overrides)
     params = apply_overrides(load_params(project / "params.yaml"), overrides)
     tasks = plan_tasks(params, cells, folds)
+    check_training_inputs(project, params)
     warm_frame_cache(project, params)
     records = run_backend(backend, project, tasks, overrides, options)
     finish_cells(project, params, tasks, records)

@@ -21,8 +21,15 @@ def _gpus(text: str) -> list[str]:
     return [] if text == "none" else [g.strip() for g in text.split(",") if g.strip()]
 
 
+def _positive(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"{value}: at least 1")
+    return value
+
+
 def _local_options(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--parallel", type=int, default=1,
+    parser.add_argument("--parallel", type=_positive, default=1,
                         help="local: trainings at a time, spread over the GPUs (default 1)")
     parser.add_argument("--gpus", type=_gpus, default=None, metavar="0,1|none",
                         help="local: GPU ids to use (default: every visible GPU)")
@@ -167,8 +174,6 @@ def main(argv: Sequence[str] | None = None) -> None:
 
 
 if __name__ == "__main__":
-    # Through the importable module, so Ray ships its functions by reference, not __main__'s.
     from pipeline.core.cli import run_main
-    from pipeline.grid import __main__ as cli
 
-    run_main(cli.main)
+    run_main(main)

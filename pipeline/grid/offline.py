@@ -32,7 +32,7 @@ import sys
 import tarfile
 import threading
 import time
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Iterator, Sequence
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
@@ -41,17 +41,15 @@ import yaml
 
 from pipeline.core.cli import UserError
 from pipeline.core.config import apply_overrides, get, load_params
-from pipeline.core.files import audit_inputs, sha256_file
+from pipeline.core.files import audit_inputs
 from pipeline.grid.backends import run_local
 from pipeline.grid.tasks import (
     CODE_ROOT,
     OFFLINE_BLOCKED,
-    STAGING_DIR,
     FoldTask,
+    check_training_inputs,
     plan_tasks,
-    summarize_cells,
     warm_frame_cache,
-    write_fold_record,
 )
 
 log = logging.getLogger("pipeline.grid")
@@ -112,13 +110,13 @@ def bundle(project_dir: str | Path, out: str | Path, *, cells: Sequence[str] | N
     passed the audit here (training there would refuse them) or ``wheels`` has no wheel.
     """
     from pipeline.core.tracking import git_revision
-    from pipeline.data.loading import audited_splits, used_frames
+    from pipeline.data.loading import used_frames
 
     project = Path(project_dir).resolve()
     params = load_params(project / "params.yaml")
     tasks = plan_tasks(params, cells, folds)
+    check_training_inputs(project, params)  # the check training makes there, made here first
     with contextlib.chdir(project):
-        audited_splits(params)  # the same check training makes there, made here first
         inputs = audit_inputs(params)
         revision = git_revision()
     wheel_files = sorted(Path(wheels).glob("*.whl")) if wheels else []
@@ -163,7 +161,6 @@ class _BlockImports:
     def find_spec(self, name: str, path: Any = None, target: Any = None) -> None:
         if name.split(".")[0] in OFFLINE_BLOCKED:
             raise ModuleNotFoundError(f"{name} is not used in an offline grid run", name=name)
-        return None
 
 
 def machine_text() -> str:

@@ -11,6 +11,7 @@ which :func:`summarize_cells` writes the cell's ``predictions.csv``, ``metrics.j
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
@@ -24,6 +25,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from pipeline.core.cli import UserError
 from pipeline.core.config import ConfigError, get, select_run
 
 log = logging.getLogger("pipeline.grid")
@@ -250,6 +252,23 @@ def summarize_cells(project_dir: Path, params: Mapping, cells: Sequence[str]) ->
                                               + "\n")
         log.info("%s: pooled accuracy %.3f over folds %s", cell, metrics["accuracy"], folds)
     return incomplete
+
+
+def check_training_inputs(project: Path, params: Mapping) -> None:
+    """Fail before any training starts where every one would: no frames, or folds that have
+    not passed the leakage audit.
+
+    Raises:
+        UserError: naming the missing file or the failed audit, and the stage that makes it.
+    """
+    from pipeline.data.loading import audited_splits
+
+    manifest = project / get(params, "dataset.frames_dir") / "manifest.csv"
+    if not manifest.is_file():
+        raise UserError(f"{manifest} not found: extract the frames first (`dvc repro audit` "
+                        f"runs extract_frames, split_folds and the audit)")
+    with contextlib.chdir(project):
+        audited_splits(params)
 
 
 def warm_frame_cache(project_dir: Path, params: Mapping) -> None:
