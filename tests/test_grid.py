@@ -225,7 +225,8 @@ def test_offline_round_trip_bundle_run_elsewhere_merge_then_dvc_clean(tmp_path):
     assert shutil.which("dvc", path=env["PATH"]) is None
     assert shutil.which("mlflow", path=env["PATH"]) is None
     proc = subprocess.run([sys.executable, str(bundle_dir / "run.py"), "--parallel", "2",
-                           "--gpus", "none", "--cpus-per-task", "1"],
+                           "--gpus", "none", "--cpus-per-task", "1",
+                           "--throughput", "--models mini_covidnet --batch-sizes 4 --steps 2"],
                           cwd=there, env=env, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stdout + proc.stderr
     assert (bundle_dir / ".site" / "offline_probe.py").is_file()  # the wheel, installed there
@@ -235,8 +236,10 @@ def test_offline_round_trip_bundle_run_elsewhere_merge_then_dvc_clean(tmp_path):
         names = set(tar.getnames())
         info = json.loads(tar.extractfile("models/mini_covidnet-ce/fold_0.json").read())
         done = tar.extractfile("done.txt").read().decode().splitlines()
+        throughput = tar.extractfile("throughput.json").read()
     assert {f"models/mini_covidnet-ce/fold_{k}/{f}" for k in FOLDS for f in FOLD_FILES} <= names
     assert {f"logs/train_mini_covidnet-ce-{k}.log" for k in FOLDS} <= names
+    assert json.loads(throughput)["image_size"] == 32  # the benchmark, on the bundle's frames
     assert sorted(line.split()[1:] for line in done) == \
         [["mini_covidnet", "ce", str(k), "exit", "0"] for k in FOLDS]
     # MLflow was not imported there: the training's tracker says why it skipped.

@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import shlex
 import sys
 from collections.abc import Sequence
 from pathlib import Path
@@ -106,9 +107,15 @@ def run_bundle_main(argv: list[str]) -> None:
     p.add_argument("--deadline", type=float, default=None, metavar="SECONDS",
                    help="stop trainings after this long; their partial histories come back")
     p.add_argument("--mps", action="store_true", help="run NVIDIA MPS while training")
+    p.add_argument("--throughput", default=None, metavar="'ARGS'",
+                   help="then benchmark training throughput: `python -m pipeline.throughput "
+                        "ARGS`, e.g. '--models nasnet_mobile --batch-sizes 16 128 --steps 20'")
+    p.add_argument("--throughput-seconds", type=float, default=60.0)
     a = p.parse_args(argv)
     records = run_bundle(a.dir, out=a.out, parallel=a.parallel, gpus=a.gpus,
-                         cpus_per_task=a.cpus_per_task, deadline_s=a.deadline, mps=a.mps)
+                         cpus_per_task=a.cpus_per_task, deadline_s=a.deadline, mps=a.mps,
+                         throughput=shlex.split(a.throughput) if a.throughput else None,
+                         throughput_s=a.throughput_seconds)
     failed = [r for r in records if not r["ok"] and not r["cut_off"]]
     if failed:
         sys.exit(f"{len(failed)} of {len(records)} trainings failed: "

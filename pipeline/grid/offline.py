@@ -7,8 +7,9 @@ wheels the machine lacks (``--wheels DIR``, e.g. filled with ``pip download -d D
 omegaconf==2.3.1 antlr4-python3-runtime==4.9.3 timm==1.0.31 pytorchcv==0.0.74``; that machine
 needs Python with PyTorch, NumPy, pandas, OpenCV, PyYAML and filelock) and ``run.py``.
 
-``python run.py [--parallel N] [--gpus 0,1] [--deadline S] [--mps]`` (there) installs the wheels
-into the bundle, then trains the jobs with the local backend, MLflow and DVC imports blocked.
+``python run.py [--parallel N] [--gpus 0,1] [--deadline S] [--mps] [--throughput ARGS]``
+(there) installs the wheels into the bundle, then trains the jobs with the local backend, MLflow
+and DVC imports blocked, and optionally benchmarks training throughput afterwards.
 Each finished fold is appended to ``results.tar`` as it ends, so a run killed from outside keeps
 it: its ``models/<cell>/fold_<k>/`` outputs (weights included), its run record and its log. At
 the end come the per-epoch history of every fold cut off by the deadline (``partial/``),
@@ -26,6 +27,7 @@ import contextlib
 import io
 import json
 import logging
+import os
 import shutil
 import subprocess
 import sys
@@ -46,8 +48,10 @@ from pipeline.grid.backends import run_local
 from pipeline.grid.tasks import (
     CODE_ROOT,
     OFFLINE_BLOCKED,
+    STAGING_DIR,
     FoldTask,
     check_training_inputs,
+    fold_env,
     plan_tasks,
     warm_frame_cache,
 )
@@ -243,12 +247,38 @@ def partial_histories(project: Path) -> dict[str, str]:
     return out
 
 
+def benchmark_throughput(project: Path, args: Sequence[str], seconds: float,
+                         archive: ResultsArchive) -> None:
+    """``python -m pipeline.throughput --experiment params <args>`` on the bundle's frames,
+    stopped after ``seconds``; its log and ``throughput.json``/``.md`` so far join the results."""
+    out = project / STAGING_DIR / "throughput"
+    out.parent.mkdir(parents=True, exist_ok=True)
+    cmd = [sys.executable, "-m", "pipeline.throughput", "--experiment", "params", *args,
+           "--out", str(out)]
+    try:
+        proc = subprocess.run(cmd, cwd=project, capture_output=True, text=True, timeout=seconds,
+                              env=fold_env(os.cpu_count() or 1, None, project))
+        text = proc.stdout + proc.stderr
+    except subprocess.TimeoutExpired as stopped:
+        text = "".join(x.decode() if isinstance(x, bytes) else x or ""
+                       for x in (stopped.stdout, stopped.stderr))
+        text += f"\nstopped after {seconds:.0f} s\n"
+        log.warning("throughput benchmark stopped after %.0f s", seconds)
+    archive.add_text("throughput.log", text)
+    for suffix in (".json", ".md"):
+        if out.with_suffix(suffix).is_file():
+            archive.add_text(f"throughput{suffix}", out.with_suffix(suffix).read_text())
+
+
 def run_bundle(bundle_dir: str | Path, *, out: str | Path | None = None, parallel: int = 1,
                gpus: Sequence[str] | None = None, cpus_per_task: int | None = None,
-               deadline_s: float | None = None, mps: bool = False) -> list[dict[str, Any]]:
+               deadline_s: float | None = None, mps: bool = False,
+               throughput: Sequence[str] | None = None, throughput_s: float = 60.0
+               ) -> list[dict[str, Any]]:
     """Train an unpacked bundle's jobs here with the local backend; write ``results.tar``
     (default: in the bundle). MLflow and DVC cannot be imported meanwhile, in this process and
-    in the trainings."""
+    in the trainings. ``throughput``: arguments of a training-throughput benchmark run
+    afterwards (``pipeline.throughput``), for ``throughput_s`` seconds taken from the deadline."""
     sys.meta_path.insert(0, _BlockImports())  # type: ignore[arg-type]
     project = Path(bundle_dir).resolve()
     out = Path(out) if out else project / "results.tar"
@@ -267,10 +297,13 @@ def run_bundle(bundle_dir: str | Path, *, out: str | Path | None = None, paralle
         records = run_local(project, tasks, (), parallel=parallel, gpus=gpus,
                             cpus_per_task=cpus_per_task, offline=True, code_root=project,
                             deadline_s=None if deadline_s is None
-                            else deadline_s - (time.monotonic() - started),
+                            else deadline_s - throughput_s * (throughput is not None)
+                            - (time.monotonic() - started),
                             on_done=archive.add_record)
     for name, text in partial_histories(project).items():
         archive.add_text(name, text)
+    if throughput is not None:
+        benchmark_throughput(project, throughput, throughput_s, archive)
     ok = sum(r["ok"] for r in records)
     wall = time.monotonic() - started
     archive.add_text("done.txt", "".join(f"{line}\n" for line in archive.done))
