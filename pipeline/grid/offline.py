@@ -5,7 +5,8 @@ comes back.
 with their manifest, the folds and their audit report, a job list of (model, loss, fold), any
 wheels the machine lacks (``--wheels DIR``, e.g. filled with ``pip download -d DIR --no-deps
 omegaconf==2.3.1 antlr4-python3-runtime==4.9.3 timm==1.0.31 pytorchcv==0.0.74``; that machine
-needs Python with PyTorch, NumPy, pandas, OpenCV, PyYAML and filelock) and ``run.py``.
+needs Python with PyTorch, NumPy, pandas, SciPy, scikit-learn, OpenCV, PyYAML and filelock)
+and ``run.py``.
 
 ``python run.py [--parallel N] [--gpus 0,1] [--deadline S] [--mps] [--throughput ARGS]``
 (there) installs the wheels into the bundle, then trains the jobs with the local backend, MLflow
