@@ -1,9 +1,9 @@
-"""scripts/collect_gpu_run.py: merging device sessions into the runs store, the grid's job
-states, and regenerating a committed GPU report from its archive."""
+"""The runs store of offline sessions (``pipeline.grid.runs_store``, ``merge --store``): merging
+results archives into it, the grid's job states, and regenerating the committed GPU reports
+(``reports/paper_gpu``, ``reports/pneumoniamnist_gpu_*px``) from their store and archives."""
 
 from __future__ import annotations
 
-import importlib.util
 import io
 import json
 import shutil
@@ -12,13 +12,12 @@ from pathlib import Path
 
 import pandas as pd
 import pytest
+import yaml
 
+from pipeline.core.cli import UserError
 from pipeline.core.config import compose
+from pipeline.grid import runs_store as collect
 from tests.conftest import PROJECT_ROOT
-
-spec = importlib.util.spec_from_file_location("collect_gpu_run", PROJECT_ROOT / "scripts" / "collect_gpu_run.py")
-collect = importlib.util.module_from_spec(spec)
-spec.loader.exec_module(collect)  # type: ignore[union-attr]
 
 
 def _add(tar: tarfile.TarFile, name: str, text: str) -> None:
@@ -35,30 +34,36 @@ def _fold_files(acc: float, epochs: int) -> dict[str, str]:
                                         "train_seconds": 2.0 * epochs, "metrics": {"accuracy": acc}})}
 
 
-def _session(root: Path, gpu: str, stamp: int) -> Path:
-    """A GPU output folder as gpu_paper_run.sh leaves it."""
-    root.mkdir()
-    (root / "machine.txt").write_text(f"name, memory.total [MiB], driver_version\n{gpu}, 1 MiB, 1\n")
-    (root / "done.txt").write_text(f"{stamp} mini_covidnet ce 0 exit 0\n")
-    (root / "log.txt").write_text("grid wall: 100s\n")
-    with tarfile.open(root / "results.tar", "w") as tar:
-        _add(tar, "jobs.txt", "mini_covidnet ce 0\n")
-        for name, text in _fold_files(0.75, 10).items():
+RESNET_LOG = (
+    "x INFO pipeline.stages.train: fold 3 epoch 1/50: train loss 1 acc 0.5 | val loss 1 acc 0.5 | 4.0s\n"
+    "x INFO pipeline.stages.train: fold 3 epoch 2/50: train loss 1 acc 0.5 | val loss 1 acc 0.5 | 6.0s\n"
+    "x INFO pipeline.stages.train: resnet50-ce: pooled accuracy 0.612 over folds [3] in 10 s\n")
+
+
+def _session(path: Path, gpu: str, stamp: int, resnet_log: str = RESNET_LOG,
+             machine: str | None = None) -> Path:
+    """A results archive as ``run-bundle`` writes it (the fold outputs of ``run-bundle``,
+    written here by hand: what matters is which of them came back)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with tarfile.open(path, "w") as tar:
+        _add(tar, "bundle.json", json.dumps({"git_revision": "abc", "jobs": 3}))
+        _add(tar, "machine.txt", machine or f"name, memory.total [MiB], driver_version\n{gpu}, 1 MiB, 1\n")
+        _add(tar, "jobs.txt", "mini_covidnet ce 0\nmini_covidnet ce 1\nresnet50 ce 3\n")
+        for name, text in {**_fold_files(0.75, 10), "best.pt": "weights",
+                           "val_predictions.csv": "frame\n"}.items():
             _add(tar, f"models/mini_covidnet-ce/fold_0/{name}", text)
         # Killed while writing its outputs: only the history made it. Must not count as done.
         _add(tar, "models/mini_covidnet-ce/fold_1/history.csv", "epoch,seconds\n0,1.0\n")
+        _add(tar, "logs/train_resnet50-ce-3.log", resnet_log)
         _add(tar, "partial/mobilenet_v2-focal-fold_2.csv", "epoch,seconds\n0,5.0\n1,7.0\n")
-    with tarfile.open(root / "logs.tgz", "w:gz") as tar:
-        _add(tar, "logs/train_resnet50-ce-3.log",
-             "x INFO pipeline.stages.train: fold 3 epoch 1/50: train loss 1 acc 0.5 | val loss 1 acc 0.5 | 4.0s\n"
-             "x INFO pipeline.stages.train: fold 3 epoch 2/50: train loss 1 acc 0.5 | val loss 1 acc 0.5 | 6.0s\n"
-             "x INFO pipeline.stages.train: resnet50-ce: pooled accuracy 0.612 over folds [3] in 10 s\n")
-    return root
+        _add(tar, "done.txt", f"{stamp} mini_covidnet ce 0 exit 0\n")
+        _add(tar, "log.txt", "grid wall: 100s\n")
+    return path
 
 
 def test_sessions_merge_into_the_runs_store_and_every_job_has_a_state(tmp_path):
     runs = tmp_path / "runs"
-    sid = collect.ingest(_session(tmp_path / "a", "NVIDIA H200", 1_795_840_000), runs)
+    sid = collect.ingest(_session(tmp_path / "a.tar", "NVIDIA H200", 1_795_840_000), runs)
     assert sid == "20261128T0426Z_NVIDIA-H200"
     fold = runs / "mini_covidnet-ce" / "fold_0"
     assert sorted(p.name for p in fold.iterdir()) == ["history.csv", "metrics.json", "source.json",
@@ -80,8 +85,11 @@ def test_sessions_merge_into_the_runs_store_and_every_job_has_a_state(tmp_path):
     assert prog.loc[("mini_covidnet", "ce", 1), "state"] == "not run"
     assert (prog["state"] == "not run").sum() == 67
 
+    assert (runs / "sessions" / sid / "partial" / "mobilenet_v2-focal-fold_2.csv").is_file()
+    assert (runs / "sessions" / sid / "log.txt").read_text() == "grid wall: 100s\n"
+
     # A later session that finishes a fold again replaces it, and names itself as its source.
-    later = _session(tmp_path / "b", "NVIDIA H100 80GB HBM3", 1_795_900_000)
+    later = _session(tmp_path / "b.tar", "NVIDIA H100 80GB HBM3", 1_795_900_000)
     sid_b = collect.ingest(later, runs)
     assert json.loads((fold / "source.json").read_text())["session"] == sid_b
     assert sorted(p.name for p in (runs / "sessions").iterdir()) == sorted([sid, sid_b])
@@ -91,7 +99,11 @@ def test_sessions_merge_into_the_runs_store_and_every_job_has_a_state(tmp_path):
 def test_committed_pneumoniamnist_gpu_report_regenerates_from_its_archive(tmp_path, size):
     committed = PROJECT_ROOT / "reports" / f"pneumoniamnist_gpu_{size}px"
     dest = tmp_path / "report"
-    collect.collect_experiment(committed / f"pmnist_{size}.tgz", dest, [], "3aa32f9")
+    from pipeline.grid.__main__ import main
+
+    main(["report-experiment", str(committed / f"pmnist_{size}.tgz"), "--dest", str(dest),
+          "--code-rev", "3aa32f9"])
+    assert (dest / f"pmnist_{size}.tgz").read_bytes() == (committed / f"pmnist_{size}.tgz").read_bytes()
     assert json.loads((dest / "metrics.json").read_text()) == \
         json.loads((committed / "metrics.json").read_text())
     assert json.loads((dest / "binary_metrics.json").read_text()) == \
@@ -108,10 +120,10 @@ def test_committed_pneumoniamnist_gpu_report_regenerates_from_its_archive(tmp_pa
 
 
 def test_a_session_run_on_cpu_names_the_cpu(tmp_path):
-    """gpu_paper_run.sh on a machine without a GPU writes the CPU on machine.txt's device line."""
-    src = _session(tmp_path / "cpu", "CPU AMD EPYC (2 cores)", 1_795_840_000)
-    (src / "machine.txt").write_text("name, memory.total, driver_version\n"
-                                     "CPU AMD EPYC (2 cores), 24105 MiB, none\ntorch 2\n2\n")
+    """run-bundle on a machine without a GPU writes the CPU on machine.txt's device line."""
+    src = _session(tmp_path / "cpu.tar", "", 1_795_840_000,
+                   machine="name, memory.total, driver_version\n"
+                           "CPU AMD EPYC (2 cores), -, none\ntorch 2\n2\n")
     sid = collect.ingest(src, tmp_path / "runs")
     assert sid == "20261128T0426Z_CPU-AMD-EPYC-2-cores"
     source = tmp_path / "runs" / "mini_covidnet-ce" / "fold_0" / "source.json"
@@ -151,11 +163,11 @@ def test_throughput_table_names_device_step_and_optimizer(tmp_path):
 
 def test_a_job_rerun_by_a_later_session_keeps_the_log_that_got_furthest(tmp_path):
     runs = tmp_path / "runs"
-    sid_a = collect.ingest(_session(tmp_path / "a", "NVIDIA H200", 1_795_840_000), runs)
-    later = _session(tmp_path / "b", "CPU AMD EPYC (2 cores)", 1_795_900_000)
-    with tarfile.open(later / "logs.tgz", "w:gz") as tar:  # the same job, cut off after 1 epoch
-        _add(tar, "logs/train_resnet50-ce-3.log",
-             "x INFO pipeline.stages.train: fold 3 epoch 1/50: train loss 1 acc 0.5 | val loss 1 acc 0.5 | 80.0s\n")
+    sid_a = collect.ingest(_session(tmp_path / "a.tar", "NVIDIA H200", 1_795_840_000), runs)
+    # The same job, cut off after 1 epoch.
+    later = _session(tmp_path / "b.tar", "CPU AMD EPYC (2 cores)", 1_795_900_000, resnet_log=
+                     "x INFO pipeline.stages.train: fold 3 epoch 1/50: train loss 1 acc 0.5 | "
+                     "val loss 1 acc 0.5 | 80.0s\n")
     collect.ingest(later, runs)
     row = collect.progress(compose(["experiment=paper"]), runs).set_index(
         ["model", "loss", "fold"]).loc[("resnet50", "ce", 3)]
@@ -175,7 +187,7 @@ def test_a_row_with_five_folds_is_reported_before_its_other_loss_finishes(tmp_pa
     ce_rows = [c.name.removesuffix("-ce") for c in sorted((dest / "runs").glob("*-ce"))
                if all((c / f"fold_{k}" / "test_predictions.csv").is_file() for k in range(5))]
     assert "mini_covidnet" in ce_rows
-    summary = collect.collect_paper([], dest, checkout_folds=tmp_path / "no_checkout_folds")
+    summary = collect.collect_paper(dest, checkout_folds=tmp_path / "no_checkout_folds")
     assert summary["complete_models"] == []
     assert summary["rows_by_loss"] == {"ce": ce_rows}
     assert not (dest / "README.md").exists() and not (dest / "focal_rows").exists()
@@ -194,11 +206,38 @@ def test_the_runs_store_keeps_the_split_its_folds_were_trained_on(tmp_path):
     for name in ("splits.csv", "table1.csv", "summary.json"):
         (checkout / name).write_text(f"{name} v1\n")
     runs = tmp_path / "runs"
-    with pytest.raises(SystemExit, match="run `dvc repro split_folds` first"):
+    with pytest.raises(UserError, match="run `dvc repro split_folds` first"):
         collect.keep_folds(runs, tmp_path / "absent")
     collect.keep_folds(runs, checkout)  # first time: taken from the checkout
     assert (runs / "folds" / "splits.csv").read_text() == "splits.csv v1\n"
     collect.keep_folds(runs, tmp_path / "absent")  # a fresh clone: the stored split serves
     (checkout / "splits.csv").write_text("splits.csv v2\n")
-    with pytest.raises(SystemExit, match=r"differs from the runs store's split .*\(splits.csv\)"):
+    with pytest.raises(UserError, match=r"differs from the runs store's split .*\(splits.csv\)"):
         collect.keep_folds(runs, checkout)
+
+
+def test_merge_with_a_store_adds_folds_of_another_profile_to_the_store_only(tmp_path):
+    """A paper-profile session merged into a quick-profile checkout: its folds join the runs
+    store and its progress table, and nothing goes into the checkout's models/."""
+    from pipeline.grid.merge import merge
+
+    project = tmp_path / "project"
+    project.mkdir()
+    (project / "params.yaml").write_text(yaml.safe_dump(compose([]), sort_keys=False))
+    results = _session(tmp_path / "results.tar", "NVIDIA H200", 1_795_840_000)
+    with tarfile.open(results, "a") as tar:
+        _add(tar, "params.yaml", yaml.safe_dump(compose(["experiment=paper"]), sort_keys=False))
+    store = tmp_path / "paper_gpu"
+    shutil.copytree(PROJECT_ROOT / "reports" / "paper_gpu" / "runs" / "folds", store / "runs" / "folds")
+
+    with pytest.raises(UserError, match="--store"):  # without a store: refused, nothing written
+        merge(results, project)
+    out = merge(results, project, store=store)
+
+    assert out["placed"] == [] and "train" in out["skipped"]["mini_covidnet-ce fold 0"]
+    assert not (project / "models").exists()
+    assert json.loads((store / "runs" / "mini_covidnet-ce" / "fold_0" / "source.json").read_text()) == \
+        {"session": "20261128T0426Z_NVIDIA-H200", "gpu": "NVIDIA H200"}
+    prog = pd.read_csv(store / "grid_progress.csv").set_index(["model", "loss", "fold"])
+    assert prog.loc[("mini_covidnet", "ce", 0), "state"] == "done"
+    assert out["store"]["job_states"]["done"] == 1

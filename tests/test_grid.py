@@ -1,11 +1,17 @@
-"""The grid on a real Ray cluster of two worker nodes on this machine: every (cell, fold) task
-trains on a worker (the head has no CPU for them), the folds come back into ``models/<cell>/``
-with the cell's summary, every task's MLflow runs reach the one store, and ``dvc commit`` of the
-real ``train`` stage makes a later ``dvc repro`` rerun nothing.
+"""The grid's backends and its offline round trip, on tiny real projects.
+
+Ray: a real cluster of two worker nodes on this machine; every (cell, fold) task trains on a
+worker (the head has no CPU for them), the folds come back into ``models/<cell>/`` with the
+cell's summary, every task's MLflow runs reach the one store, and ``dvc commit`` of the real
+``train`` stage makes a later ``dvc repro`` rerun nothing. Local: two folds train in two
+processes at the same time. Offline: bundle here, run in another directory with neither ``dvc``
+nor ``mlflow`` on PATH (and their imports blocked), merge back, ``dvc commit``, ``dvc status``
+clean.
 """
 
 from __future__ import annotations
 
+import io
 import json
 import os
 import shutil
@@ -62,13 +68,14 @@ def _dvc(cwd: Path, *args: str) -> str:
     return proc.stdout
 
 
-def _tiny_dvc_project(root: Path) -> Path:
-    """``make_tiny_project`` (1 epoch, 32 px, 2 folds) with the grid narrowed to two cells, the
-    code the train stage depends on, and the real ``train`` stage of ``dvc.yaml``."""
+def _tiny_dvc_project(root: Path, losses: tuple[str, ...] = ("ce", "focal")) -> Path:
+    """``make_tiny_project`` (1 epoch, 32 px, 2 folds) with the grid narrowed to Mini-COVIDNet
+    with ``losses``, the code the train stage depends on, and the real ``train`` stage of
+    ``dvc.yaml``."""
     store = root / "mlruns" / "mlflow.db"
     params = make_tiny_project(root, epochs=1, folds=tuple(FOLDS),
                                tracking_uri=f"sqlite:///{store}")
-    params["grid"] = {"models": ["mini_covidnet"], "losses": ["ce", "focal"]}
+    params["grid"] = {"models": ["mini_covidnet"], "losses": list(losses)}
     (root / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
     shutil.copytree(PROJECT_ROOT / "pipeline", root / "pipeline",
                     ignore=shutil.ignore_patterns("__pycache__"))
@@ -135,7 +142,7 @@ def test_grid_on_two_ray_nodes_then_dvc_commit(tmp_path, ray_cluster):
 def test_failed_task_is_reported_and_fails_the_command(tmp_path, ray_cluster, caplog):
     """One cell's training fails: the other still finishes and is summarized, the failure is
     logged with its log tail, and the command exits non-zero."""
-    from pipeline.grid import main
+    from pipeline.grid.__main__ import main
 
     address, _ = ray_cluster
     project = tmp_path / "project"
@@ -154,3 +161,155 @@ def test_failed_task_is_reported_and_fails_the_command(tmp_path, ray_cluster, ca
     assert "no_such_loss" in failure.getMessage()  # the training's own error, from its log
     assert (project / "models" / "mini_covidnet-ce" / "metrics.json").is_file()
     assert not (project / "models" / "mini_covidnet-focal").exists()
+
+
+def test_local_backend_trains_two_folds_in_parallel_processes(tmp_path):
+    from pipeline.grid import run_grid
+
+    project = tmp_path / "project"
+    _tiny_dvc_project(project, losses=("ce",))
+
+    records = run_grid(project, backend="local", parallel=2, gpus=[], cpus_per_task=1)
+
+    assert all(r["ok"] for r in records), [r.get("log_tail") for r in records if not r["ok"]]
+    assert sorted(r["task"].fold for r in records) == FOLDS
+    a, b = records
+    assert a["pid"] != b["pid"]
+    # Both trainings ran at the same time: each started before the other ended.
+    assert a["started"] < b["ended"] and b["started"] < a["ended"]
+    assert {r["cuda_visible_devices"] for r in records} == {""}  # no GPU asked for: none used
+    cell = project / "models" / "mini_covidnet-ce"
+    assert sorted(pd.read_csv(cell / "predictions.csv")["fold"].unique()) == FOLDS
+    assert json.loads((cell / "run.json").read_text())["folds"] == FOLDS
+
+
+def _probe_wheel(directory: Path) -> Path:
+    """A real (tiny) wheel, for the bundle's offline install."""
+    import zipfile
+
+    directory.mkdir()
+    path = directory / "offline_probe-1.0-py3-none-any.whl"
+    meta = "offline_probe-1.0.dist-info"
+    files = {"offline_probe.py": "VALUE = 42\n",
+             f"{meta}/METADATA": "Metadata-Version: 2.1\nName: offline-probe\nVersion: 1.0\n",
+             f"{meta}/WHEEL": "Wheel-Version: 1.0\nGenerator: test\nRoot-Is-Purelib: true\n"
+                              "Tag: py3-none-any\n"}
+    files[f"{meta}/RECORD"] = "".join(f"{n},,\n" for n in files) + f"{meta}/RECORD,,\n"
+    with zipfile.ZipFile(path, "w") as z:
+        for name, text in files.items():
+            z.writestr(name, text)
+    return directory
+
+
+def test_offline_round_trip_bundle_run_elsewhere_merge_then_dvc_clean(tmp_path):
+    """bundle -> run in another directory without DVC/MLflow -> merge -> dvc commit/status."""
+    import tarfile
+
+    from pipeline.core.cli import UserError
+    from pipeline.grid.merge import merge
+    from pipeline.grid.offline import bundle
+
+    project = tmp_path / "project"
+    _tiny_dvc_project(project, losses=("ce",))
+    archive = tmp_path / "grid_bundle.tar"
+    record = bundle(project, archive, wheels=_probe_wheel(tmp_path / "wheels"))
+    assert record["jobs"] == 2 and record["wheels"] == ["offline_probe-1.0-py3-none-any.whl"]
+
+    there = tmp_path / "airgapped"
+    there.mkdir()
+    with tarfile.open(archive) as tar:
+        tar.extractall(there, filter="data")
+    bundle_dir = there / "grid_bundle"
+    env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "VIRTUAL_ENV")}
+    env["PATH"] = "/usr/bin:/bin"
+    assert shutil.which("dvc", path=env["PATH"]) is None
+    assert shutil.which("mlflow", path=env["PATH"]) is None
+    proc = subprocess.run([sys.executable, str(bundle_dir / "run.py"), "--parallel", "2",
+                           "--gpus", "none", "--cpus-per-task", "1",
+                           "--throughput", "--models mini_covidnet --batch-sizes 4 --steps 2"],
+                          cwd=there, env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert (bundle_dir / ".site" / "offline_probe.py").is_file()  # the wheel, installed there
+
+    results = bundle_dir / "results.tar"
+    with tarfile.open(results) as tar:
+        names = set(tar.getnames())
+        info = json.loads(tar.extractfile("models/mini_covidnet-ce/fold_0.json").read())
+        done = tar.extractfile("done.txt").read().decode().splitlines()
+        throughput = tar.extractfile("throughput.json").read()
+    assert {f"models/mini_covidnet-ce/fold_{k}/{f}" for k in FOLDS for f in FOLD_FILES} <= names
+    assert {f"logs/train_mini_covidnet-ce-{k}.log" for k in FOLDS} <= names
+    assert json.loads(throughput)["image_size"] == 32  # the benchmark, on the bundle's frames
+    assert sorted(line.split()[1:] for line in done) == \
+        [["mini_covidnet", "ce", str(k), "exit", "0"] for k in FOLDS]
+    # MLflow was not imported there: the training's tracker says why it skipped.
+    assert not info["mlflow"]["enabled"]
+    assert "mlflow is not used in an offline grid run" in info["mlflow"]["skipped_reason"]
+
+    # Trained with other parameters than the checkout's: refused, naming the key.
+    params = yaml.safe_load((project / "params.yaml").read_text())
+    changed = {**params, "train": {**params["train"], "epochs": 2}}
+    (project / "params.yaml").write_text(yaml.safe_dump(changed, sort_keys=False))
+    with pytest.raises(UserError, match="params.yaml differs in train"):
+        merge(results, project)
+    (project / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+    # Other folds here than the ones trained on: refused too.
+    splits = project / "data" / "folds" / "splits.csv"
+    original = splits.read_bytes()
+    splits.write_bytes(original + b"\n")
+    with pytest.raises(UserError, match="the splits here differ"):
+        merge(results, project)
+    splits.write_bytes(original)
+    assert not (project / "models").exists()
+
+    out = merge(results, project)
+    assert out["cells"] == ["mini_covidnet-ce"] and len(out["placed"]) == 2
+    cell = project / "models" / "mini_covidnet-ce"
+    files = {str(p.relative_to(cell)) for p in cell.rglob("*") if p.is_file()}
+    assert files == {f"fold_{k}/{f}" for k in FOLDS for f in FOLD_FILES} | \
+                    {"predictions.csv", "metrics.json", "run.json"}
+    assert json.loads((cell / "run.json").read_text())["folds"] == FOLDS
+
+    assert set(json.loads(_dvc(project, "status", "--json"))) == {"train@mini_covidnet-ce"}
+    _dvc(project, "commit", "-f", "train@mini_covidnet-ce")
+    assert json.loads(_dvc(project, "status", "--json")) == {}
+    assert "Running stage" not in _dvc(project, "repro")
+
+
+def test_offline_deadline_cuts_a_fold_off_and_brings_back_its_partial_history(tmp_path):
+    """A bundle whose first fold cannot finish before ``--deadline``: the fold is killed, its
+    per-epoch history so far comes back under ``partial/``, the other fold never starts, and
+    ``merge`` places nothing."""
+    import tarfile
+
+    from pipeline.core.cli import UserError
+    from pipeline.grid.merge import merge
+    from pipeline.grid.offline import bundle
+
+    project = tmp_path / "project"
+    _tiny_dvc_project(project, losses=("ce",))
+    params = yaml.safe_load((project / "params.yaml").read_text())
+    params["train"].update(epochs=100_000)
+    params["train"]["early_stopping"]["patience"] = 100_000
+    (project / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+    bundle(project, tmp_path / "b.tar")
+    with tarfile.open(tmp_path / "b.tar") as tar:
+        tar.extractall(tmp_path / "there", filter="data")
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+    proc = subprocess.run([sys.executable, str(tmp_path / "there" / "b" / "run.py"),
+                           "--deadline", "45", "--gpus", "none"],
+                          env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stdout + proc.stderr  # cut off is not a failure
+
+    results = tmp_path / "there" / "b" / "results.tar"
+    with tarfile.open(results) as tar:
+        names = set(tar.getnames())
+        text = {n: tar.extractfile(n).read().decode()
+                for n in ("done.txt", "log.txt", "partial/mini_covidnet-ce-fold_0.csv")}
+    assert not any(n.startswith("models/") for n in names)
+    assert text["done.txt"].split()[1:] == ["mini_covidnet", "ce", "0", "exit", "cut", "off"]
+    assert "1 not started" in text["log.txt"]
+    history = pd.read_csv(io.StringIO(text["partial/mini_covidnet-ce-fold_0.csv"]))
+    assert len(history) >= 1 and list(history["epoch"]) == list(range(len(history)))
+    with pytest.raises(UserError, match="no models/"):
+        merge(results, project)
