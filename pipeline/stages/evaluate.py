@@ -4,7 +4,8 @@ Frame-level and video-level metrics pooled over folds and per fold (mean +- std)
 by bootstrap over patients, and paired comparisons over the same patients (cross-entropy vs
 focal for each model, each row vs Mini-COVIDNet). Writes ``reports/metrics.json`` (the compact
 numbers ``dvc exp show`` lists), ``reports/evaluation.json`` (everything) and the CSV tables
-behind ``dvc plots`` (confusion matrices, ROC curves).
+behind ``dvc plots``, one file per cell: ``reports/plots/confusion/<cell>.csv`` and
+``reports/plots/roc/<cell>.csv``.
 """
 
 from __future__ import annotations
@@ -77,7 +78,8 @@ def main(argv: Sequence[str] | None = None) -> None:
     ecfg, seed = get(params, "evaluate"), int(get(params, "seed"))
     n_boot, ci = int(ecfg["bootstrap"]), float(ecfg["ci"])
     out = Path(get(params, "report.dir"))
-    (out / "plots").mkdir(parents=True, exist_ok=True)
+    for kind in ("confusion", "roc"):
+        (out / "plots" / kind).mkdir(parents=True, exist_ok=True)
     preds: dict[str, pd.DataFrame] = {}
     for cell in cells(params):
         path = Path("models") / cell / "predictions.csv"
@@ -97,8 +99,8 @@ def main(argv: Sequence[str] | None = None) -> None:
                          "macro_f1": r["frame"]["pooled"]["macro_f1"],
                          "video_accuracy": r["video"]["mean"]["pooled"]["accuracy"]}
         cm, roc = plot_tables(p, classes)
-        cm.to_csv(out / "plots" / f"confusion_{cell}.csv", index=False)
-        roc.to_csv(out / "plots" / f"roc_{cell}.csv", index=False)
+        cm.to_csv(out / "plots" / "confusion" / f"{cell}.csv", index=False)
+        roc.to_csv(out / "plots" / "roc" / f"{cell}.csv", index=False)
     models = get(params, "grid.models")
     losses = get(params, "grid.losses")
     pairs = []

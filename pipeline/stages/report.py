@@ -442,7 +442,7 @@ def figures(evaluation: Mapping, out_dir: Path, plots_dir: Path, models_dir: Pat
             ax.set_xlabel("predicted")
             ax.set_ylabel("true")
             ax.set_title(f"{cell}: {title}")
-        roc = plots_dir / f"roc_{cell}.csv"
+        roc = plots_dir / "roc" / f"{cell}.csv"
         if roc.is_file():
             r = pd.read_csv(roc)
             for cls, part in r.groupby("class"):

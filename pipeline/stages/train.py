@@ -6,7 +6,9 @@ composed ``params.yaml`` (so ``dvc exp run -S`` overrides reach it) and applies 
 ``fold_<k>/best.pt`` (best validation loss), ``fold_<k>/history.csv``,
 ``fold_<k>/test_predictions.csv``, ``fold_<k>/val_predictions.csv`` (same columns, the
 validation rows), ``predictions.csv`` (all folds' test rows), ``metrics.json`` and
-``run.json``; logs a parent MLflow run with one child per fold.
+``run.json``; logs a parent MLflow run with one child per fold. Each fold's history is copied to
+``reports/plots/training/<model>-<loss>/fold_<k>.csv``: small, kept in Git (``cache: false``)
+so that ``dvc plots diff`` draws every fold's curves without the DVC cache.
 
 A fold interrupted at any point resumes from its last finished epoch (state under
 ``.cache/resume/``); the per-epoch seeding makes the resumed run end with the same weights as an
@@ -19,6 +21,7 @@ import hashlib
 import json
 import logging
 import os
+import shutil
 import sys
 import time
 from collections.abc import Mapping, Sequence
@@ -42,6 +45,7 @@ from pipeline.training.steps import precision
 log = logging.getLogger("pipeline.stages.train")
 
 RESUME_DIR = Path(".cache/resume")
+TRAINING_PLOTS_DIR = Path("reports/plots/training")  # relative to the folder above models/
 
 
 def run_key(*parts: object) -> str:
@@ -188,8 +192,9 @@ def train_fold(params: Mapping, model_name: str, loss_name: str, fold: int, stor
 
 
 def summarize_cell(out_dir: Path, folds: Sequence[int], classes: Sequence[str]) -> tuple[dict, dict]:
-    """Join the folds' test predictions into ``predictions.csv`` and write the cell's
-    ``metrics.json`` (what ``dvc exp show`` lists). Also used to collect folds trained in
+    """Join the folds' test predictions into ``predictions.csv``, write the cell's
+    ``metrics.json`` (what ``dvc exp show`` lists) and the folds' training curves for
+    ``dvc plots`` (``TRAINING_PLOTS_DIR`` beside ``models/``). Also used to collect folds trained in
     separate processes (e.g. in parallel on one GPU)."""
     from pipeline.evaluation.classification import summarize_folds
 
@@ -206,6 +211,10 @@ def summarize_cell(out_dir: Path, folds: Sequence[int], classes: Sequence[str]) 
                "train_minutes_per_fold": float(np.mean(fold_times)) / 60,
                "per_class": summary["pooled"]["per_class"]}
     (out_dir / "metrics.json").write_text(json.dumps(metrics, indent=2) + "\n")
+    plots_dir = out_dir.parent.parent / TRAINING_PLOTS_DIR / out_dir.name
+    plots_dir.mkdir(parents=True, exist_ok=True)
+    for k in folds:
+        shutil.copyfile(out_dir / f"fold_{k}" / "history.csv", plots_dir / f"fold_{k}.csv")
     return metrics, summary
 
 
