@@ -29,8 +29,10 @@ import numpy as np
 import pandas as pd
 import torch
 
+from pipeline.core import review
 from pipeline.core.cli import run_main
 from pipeline.core.config import ConfigError, apply_overrides, get, load_params, select_run
+from pipeline.core.files import sha256_file
 from pipeline.core.tracking import Tracker, standard_tags
 from pipeline.data.loading import (
     FrameStore,
@@ -166,6 +168,7 @@ def train_fold(params: Mapping, model_name: str, loss_name: str, fold: int, stor
     limit = tcfg.get("max_frames_per_source")
     parts = {s: subsample_per_source(fold_frames(store.frames, splits, fold, s), limit)
              for s in ("train", "val", "test")}
+    split = dict(parts)  # the fold's frames, before any oversampling
     factor = int(tcfg.get("minority_oversample") or 1)
     if factor > 1:
         # The chest X-ray study's x5 augmentation of the minority class: the copies are drawn
@@ -223,6 +226,7 @@ def train_fold(params: Mapping, model_name: str, loss_name: str, fold: int, stor
     n_train = len(images["train"])
     graph = CudaGraphStep(model, loss_fn, optimizer, bs, amp) if use_graph else None
     with tracker.run(f"fold_{fold}", nested=True, tags={"fold": str(fold)}):
+        review.log_fold_split(tracker, params, fold, f"{model_name}-{loss_name}", split)
         for h in state["history"]:  # a resumed run re-logs the epochs it already has
             tracker.log_metrics({k: v for k, v in h.items() if k != "epoch"}, step=h["epoch"])
         for epoch in range(state["epoch"] + 1, int(tcfg["epochs"])):
@@ -366,15 +370,17 @@ def run(params: Mapping, model_name: str, loss_name: str, folds: Sequence[int],
 
     leaky = fcfg["validation"] == "test_fold"
     init = describe_init(model_cfg)
-    run_name = f"{model_name}-{loss_name}"
+    cell = run_name = f"{model_name}-{loss_name}"
     if os.environ.get("DVC_EXP_NAME"):
         run_name += f" ({os.environ['DVC_EXP_NAME']})"
     started = time.monotonic()
     with tracker.run(run_name, tags=standard_tags(params, model=model_name, loss=loss_name,
-                                                  init=init, leaky_validation=leaky)):
+                                                  cell=cell, init=init, leaky_validation=leaky)):
         tracker.log_params({"model": model_cfg, "loss": loss_cfg, "train": tcfg, "folds": fcfg,
                             "dataset.name": ds["name"], "seed": params["seed"],
                             "profile": params.get("profile", "")})
+        review.describe_training(tracker, params, cell, folds)
+        review.log_dataset(tracker, params, frames)
         for fold in folds:
             train_fold(params, model_name, loss_name, fold, store, splits, out_dir, tracker)
         metrics, summary = summarize_cell(out_dir, folds, classes)
@@ -392,6 +398,8 @@ def run(params: Mapping, model_name: str, loss_name: str, folds: Sequence[int],
                              "fold_accuracy_mean": metrics["fold_accuracy_mean"],
                              "wall_seconds": wall})
         tracker.log_dict(summary, "summary.json")
+        # What the later stages find this run by: the predictions they read (pipeline.core.review).
+        tracker.set_tags({review.DIGEST_TAG: sha256_file(out_dir / "predictions.csv")})
     log.info("%s-%s: pooled accuracy %.3f over folds %s in %.0f s", model_name, loss_name,
              metrics["accuracy"], list(folds), wall)
     return metrics
