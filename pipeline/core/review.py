@@ -124,19 +124,22 @@ def data_source(params: Mapping) -> str:
     return str(sources[0])
 
 
-def _dataset(frame_table, name: str, source: str, digest: str | None = None):
-    """An MLflow dataset of a frame table: its data columns' schema and size, the source as
-    params name it (a relative folder stays relative, a URL stays a URL)."""
+def _log_frames(tracker: Tracker, frame_table, name: str, source: str, context: str,
+                digest: str | None = None, tags: Mapping[str, str] | None = None) -> None:
+    """A frame table as an MLflow dataset input: its data columns' schema and size, the source
+    as params name it (a relative folder stays relative, a URL stays a URL)."""
     import warnings
 
     import mlflow.data
 
     cols = [c for c in DATA_COLUMNS if c in frame_table.columns]
-    with warnings.catch_warnings():  # "can be interpreted in multiple ways": local, as meant
+    with warnings.catch_warnings():  # source "interpreted in multiple ways", integer columns
         warnings.simplefilter("ignore", UserWarning)
-        return mlflow.data.from_pandas(frame_table[cols].reset_index(drop=True), source=source,
-                                       name=name, targets="label" if "label" in cols else None,
-                                       digest=digest)
+        dataset = tracker.safely(mlflow.data.from_pandas, frame_table[cols].reset_index(drop=True),
+                                 source=source, name=name, digest=digest,
+                                 targets="label" if "label" in cols else None)
+        if dataset is not None:
+            tracker.log_input(dataset, context, tags)
 
 
 def log_dataset(tracker: Tracker, params: Mapping, frames) -> None:
@@ -144,11 +147,8 @@ def log_dataset(tracker: Tracker, params: Mapping, frames) -> None:
     if not tracker.enabled:
         return
     ds = get(params, "dataset")
-    dataset = tracker.safely(_dataset, frames, str(ds["name"]), data_source(params),
-                             data_digest(params))
-    if dataset is not None:
-        tracker.log_input(dataset, "training",
-                          {"sources": json.dumps(list(ds.get("sources") or []))[:5000]})
+    _log_frames(tracker, frames, str(ds["name"]), data_source(params), "training",
+                data_digest(params), {"sources": json.dumps(list(ds.get("sources") or []))[:5000]})
 
 
 def log_fold_split(tracker: Tracker, params: Mapping, fold: int, cell: str,
@@ -164,9 +164,7 @@ def log_fold_split(tracker: Tracker, params: Mapping, fold: int, cell: str,
     tracker.log_params(split)
     ds_name, source = str(get(params, "dataset.name")), data_source(params)
     for name, part in parts.items():
-        dataset = tracker.safely(_dataset, part, f"{ds_name}/fold_{fold}/{name}", source)
-        if dataset is not None:
-            tracker.log_input(dataset, SPLITS.get(name, name))
+        _log_frames(tracker, part, f"{ds_name}/fold_{fold}/{name}", source, SPLITS.get(name, name))
 
 
 def experiment_note(params: Mapping) -> str:
@@ -296,14 +294,27 @@ def _requirements(*packages: str) -> list[str]:
     return out
 
 
+def _log_torch(model: Any, **kwargs: Any) -> Any:
+    """The model as a ``torch.export`` program (loads without this project's code; the batch
+    axis is dynamic as the input example has two frames), else pickled."""
+    import mlflow.pytorch
+
+    try:
+        return mlflow.pytorch.log_model(model, serialization_format="pt2", **kwargs)
+    except Exception as exc:  # noqa: BLE001 - an architecture torch.export cannot trace
+        log.info("torch.export of %s failed (%s): logging it pickled", kwargs.get("name"),
+                 str(exc).splitlines()[0] if str(exc) else type(exc).__name__)
+        return mlflow.pytorch.log_model(model, serialization_format="pickle", **kwargs)
+
+
 def log_fold_models(tracker: Tracker, model: Any, fold: int, checkpoint: Path, example: Any,
                     onnx_path: Path, fold_metrics: Mapping[str, float],
                     onnx_metrics: Mapping[str, float]) -> None:
     """One fold's PyTorch model and ONNX export as MLflow logged models, each with a signature,
     an input example (real frames of the fold: RGB float in [0, 1], the model normalises
     inside) and its metrics; skipped when the run already has these bytes logged."""
+    import mlflow
     import mlflow.onnx
-    import mlflow.pytorch
     import numpy as np
     import onnx
     import torch
@@ -316,9 +327,9 @@ def log_fold_models(tracker: Tracker, model: Any, fold: int, checkpoint: Path, e
     tags = {"fold": str(fold)}
     name, digest = f"pytorch_fold_{fold}", sha256_file(checkpoint)
     if not _logged(tracker, name, digest):
-        info = tracker.safely(mlflow.pytorch.log_model, model, name=name, signature=signature,
+        info = tracker.safely(_log_torch, model, name=name, signature=signature,
                               input_example=example, tags={**tags, "sha256": digest},
-                              pip_requirements=_requirements("torch", "timm", "numpy"))
+                              pip_requirements=_requirements("torch", "numpy"))
         if info is not None:
             tracker.safely(mlflow.log_metrics, dict(fold_metrics), model_id=info.model_id)
     name, digest = f"onnx_fold_{fold}", sha256_file(onnx_path)
@@ -349,12 +360,15 @@ def log_export(params: Mapping, cell: str, summary: Mapping, fold_models: Mappin
             onnx_rec = next((r for r in records if r["format"] == "onnx"), None)
             if onnx_rec is None:
                 continue
+            # The run's metrics are the models' too; these name the model's own fold and file.
             onnx_metrics = numbers({k: onnx_rec.get(k) for k in
                                     ("max_abs_diff", "top1_agreement", "accuracy_change")},
-                                   "parity")
-            onnx_metrics["size_mb"] = onnx_rec["size_bytes"] / 1e6
+                                   f"fold_{fold}.onnx")
+            onnx_metrics[f"fold_{fold}.onnx.size_mb"] = onnx_rec["size_bytes"] / 1e6
+            test_metrics = numbers({k: test.get(k) for k in ("accuracy", "macro_f1", "mcc",
+                                                             "auc_ovr")}, f"fold_{fold}.test")
             log_fold_models(tracker, model, fold, fold_dir / "best.pt", example,
-                            Path(onnx_rec["file"]), numbers(test, "test"), onnx_metrics)
+                            Path(onnx_rec["file"]), test_metrics, onnx_metrics)
             for r in records:
                 if r["format"].startswith("tflite"):
                     tracker.log_artifact(r["file"], f"tflite/fold_{fold}")

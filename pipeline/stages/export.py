@@ -126,7 +126,7 @@ def main(argv: Sequence[str] | None = None) -> None:
                                 cfg["min_top1_agreement"], cfg["opset"], strict=False,
                                 extra={"fold": fold})
         if set(formats) == set(cfg["formats"]):
-            logged[fold] = (model, images[:1])
+            logged[fold] = (model, images[:2])
     summary = {"run": run_dir.name, "passed": all(r["passed"] for r in records),
                "n_files": len(records), "per_format": summarize(records), "records": records}
     out_root.mkdir(parents=True, exist_ok=True)
