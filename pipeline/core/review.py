@@ -47,13 +47,16 @@ DATA_COLUMNS = ("frame", "source", "patient", "class", "label", "probe", "kind")
 
 
 def numbers(d: Mapping, prefix: str = "") -> dict[str, float]:
-    """Nested dict -> ``{"a.b": float}`` for its numbers (bools included; lists, strings, None
-    and NaN left out)."""
+    """Nested dict -> ``{"a.b": float}`` for its numbers (bools included; strings, None, NaN
+    and lists left out, but an interval ``x_ci: [low, high]`` becomes ``x_ci_low`` and
+    ``x_ci_high``)."""
     out: dict[str, float] = {}
     for key, value in d.items():
         name = f"{prefix}.{key}" if prefix else str(key)
         if isinstance(value, Mapping):
             out.update(numbers(value, name))
+        elif str(key).endswith("_ci") and isinstance(value, (list, tuple)) and len(value) == 2:
+            out.update(numbers({f"{key}_low": value[0], f"{key}_high": value[1]}, prefix))
         elif isinstance(value, (bool, int, float)) or type(value).__module__ == "numpy":
             try:
                 v = float(value)
