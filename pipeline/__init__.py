@@ -3,6 +3,7 @@
 Layers, each importing only from the ones above it in this list (``tests/test_layout.py``):
 
 ``core``        errors and CLI entry (``cli``), params (``config``), file digests, MLflow tracking
+                (``tracking``), every stage's results on its training run (``review``)
 ``data``        dataset adapters (``sources.ADAPTERS``), frame decoding, duplicate linking, loading
 ``models``      the architectures, checkpoints, complexity
 ``training``    losses, the optimisation step, the schedule and the epoch loop

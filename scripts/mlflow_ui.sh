@@ -22,4 +22,6 @@ if [ "${MLFLOW_UI_DRY_RUN:-0}" = "1" ]; then
   exit 0
 fi
 mkdir -p mlruns/artifacts
+# The UI opens on its GenAI pages; this link opens its model-training view of the runs.
+echo "MLflow UI: http://$host:$port/#/experiments?workflowType=machine_learning" >&2
 exec "${cmd[@]}"

@@ -70,10 +70,15 @@ def edit_yaml(path: Path, **changes) -> None:
 
 @pytest.fixture(scope="module")
 def project(tmp_path_factory, request) -> Path:
+    return build_project(tmp_path_factory.mktemp("e2e"))
+
+
+def build_project(base: Path) -> Path:
+    """A git repository of the project on the data subset: 2 folds, 32 px, 1 epoch,
+    mini_covidnet x {ce, focal}."""
     from tests.conftest import require_shared_lus
 
     shared = require_shared_lus()
-    base = tmp_path_factory.mktemp("e2e")
     # the data subset, with its own checksum list (as a user with another mirror would have)
     data = base / "lus_subset"
     lines = []

@@ -135,12 +135,13 @@ class Tracker:
         self.env = http_limits(cfg)
         uri, artifacts = store_location(cfg.get("uri"))
         self.uri = uri
+        self.experiment = str(cfg.get("experiment") or "default")
         try:
             probe(uri, cfg.get("timeout_s"))
             import mlflow
 
             self.mlflow = mlflow
-            name = str(cfg.get("experiment") or "default")
+            name = self.experiment
             if uri.startswith("sqlite:///"):
                 db = Path(uri.removeprefix("sqlite:///"))
                 db.parent.mkdir(parents=True, exist_ok=True)
@@ -181,9 +182,16 @@ class Tracker:
     def _call(self, fn: str, *args: Any, **kwargs: Any) -> Any:
         if not self.enabled:
             return None
+        return self.safely(getattr(self.mlflow, fn), *args, **kwargs)
+
+    def safely(self, fn: Any, *args: Any, **kwargs: Any) -> Any:
+        """``fn(*args, **kwargs)`` under the HTTP limits; a failure disables tracking (or raises
+        :class:`TrackingError` when required) and returns None."""
+        if not self.enabled:
+            return None
         try:
             with _environ(self.env):
-                return getattr(self.mlflow, fn)(*args, **kwargs)
+                return fn(*args, **kwargs)
         except Exception as exc:  # noqa: BLE001
             self._disable(exc)
             return None
@@ -200,6 +208,31 @@ class Tracker:
             if active is not None and self.enabled:
                 self._call("end_run")
 
+    @contextmanager
+    def resume(self, run_id: str) -> Iterator[None]:
+        """Reopen a finished run (a later stage adding its results to the training run)."""
+        active = self._call("start_run", run_id=run_id)
+        try:
+            yield
+        finally:
+            if active is not None and self.enabled:
+                self._call("end_run")
+
+    def find_parent(self, tags: Mapping[str, str], prefer: Mapping[str, str]) -> str | None:
+        """The id of the top-level run of this experiment carrying every tag in ``tags``; among
+        several, the one matching most of ``prefer``, then the newest. None if there is none."""
+        if not self.enabled:
+            return None
+        where = " and ".join(f"tags.{k} = '{v}'" for k, v in tags.items())
+        runs = self._call("search_runs", experiment_names=[self.experiment], filter_string=where,
+                          order_by=["attributes.start_time DESC"], output_format="list")
+        runs = [r for r in runs or [] if "mlflow.parentRunId" not in r.data.tags]
+        if not runs:
+            return None
+        best = max(runs, key=lambda r: (sum(r.data.tags.get(k) == v for k, v in prefer.items()),
+                                        r.info.start_time))
+        return best.info.run_id
+
     def log_params(self, params: Mapping) -> None:
         flat = {k: ("" if v is None else str(v))[:6000] for k, v in flatten(params).items()}
         items = list(flat.items())
@@ -214,11 +247,20 @@ class Tracker:
     def log_dict(self, data: Any, name: str) -> None:
         self._call("log_dict", data, name)
 
-    def log_artifact(self, path: str | Path) -> None:
-        self._call("log_artifact", str(path))
+    def log_artifact(self, path: str | Path, artifact_path: str | None = None) -> None:
+        self._call("log_artifact", str(path), artifact_path)
+
+    def log_table(self, table: Any, name: str) -> None:
+        self._call("log_table", table, name)
+
+    def log_input(self, dataset: Any, context: str, tags: Mapping[str, str] | None = None) -> None:
+        self._call("log_input", dataset, context=context, tags=dict(tags or {}))
 
     def set_tags(self, tags: Mapping[str, str]) -> None:
         self._call("set_tags", dict(tags))
+
+    def set_experiment_tags(self, tags: Mapping[str, str]) -> None:
+        self._call("set_experiment_tags", dict(tags))
 
 
 def standard_tags(params: Mapping, **extra: str) -> dict[str, str]:

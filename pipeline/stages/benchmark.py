@@ -322,6 +322,9 @@ def main(argv: Sequence[str] | None = None) -> None:
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(result, indent=2) + "\n")
     log.info("wrote %s (%d records)", out, len(result["records"]))
+    from pipeline.core.review import log_benchmark
+
+    log_benchmark(load_params(args.params), run_dir.name, result)
 
 
 if __name__ == "__main__":

@@ -582,6 +582,9 @@ def main(argv: Sequence[str] | None = None) -> None:
                      cfg["target_sensitivity"], compact[cell]["operating_point"]["threshold"],
                      compact[cell]["operating_point"]["specificity"], compact[cell]["held_out_point"])
     metrics_path.write_text(json.dumps(compact, indent=2) + "\n")
+    from pipeline.core.review import log_binary
+
+    log_binary(params, compact, out)
 
 
 if __name__ == "__main__":

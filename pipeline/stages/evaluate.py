@@ -114,6 +114,9 @@ def main(argv: Sequence[str] | None = None) -> None:
     (out / "evaluation.json").write_text(json.dumps(results, indent=2, default=float) + "\n")
     (out / "metrics.json").write_text(json.dumps(compact, indent=2) + "\n")
     log.info("wrote %s and %s", out / "evaluation.json", out / "metrics.json")
+    from pipeline.core.review import log_evaluation
+
+    log_evaluation(params, results)
 
 
 if __name__ == "__main__":

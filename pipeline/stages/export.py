@@ -109,6 +109,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     # Beside, not inside, the train stage's output: DVC outputs must not overlap.
     out_root = Path(args.out_dir) if args.out_dir else Path("exports") / run_dir.name
     records: list[dict] = []
+    logged: dict[int, tuple] = {}  # folds exported in every format: their models go to MLflow
     for fold, ckpt_path in checkpoints.items():
         formats = fold_formats(cfg, fold)
         model, ckpt = load_model(ckpt_path)
@@ -124,12 +125,17 @@ def main(argv: Sequence[str] | None = None) -> None:
                                 calibration, formats, cfg["tolerance"],
                                 cfg["min_top1_agreement"], cfg["opset"], strict=False,
                                 extra={"fold": fold})
+        if set(formats) == set(cfg["formats"]):
+            logged[fold] = (model, images[:2])
     summary = {"run": run_dir.name, "passed": all(r["passed"] for r in records),
                "n_files": len(records), "per_format": summarize(records), "records": records}
     out_root.mkdir(parents=True, exist_ok=True)
     (out_root / "parity.json").write_text(json.dumps(summary, indent=2) + "\n")
     log.info("wrote %s (%d files, %s)", out_root / "parity.json", len(records),
              "all within tolerance" if summary["passed"] else "SOME FAILED")
+    from pipeline.core.review import log_export
+
+    log_export(load_params(args.params), run_dir.name, summary, logged, run_dir.parent)
     check_parity(records)
 
 

@@ -579,8 +579,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     from pipeline.evaluation.gradcam import gradcam_grid
 
     skipped: list[str] = []
-    for model in models:
-        cell = f"{model}-{get(params, 'grid.losses')[0]}"
+    for cell in cells:
         name = f"gradcam_{cell}.png"
         try:
             gradcam_grid(Path("models") / cell, 4, out / "figures" / name,
@@ -607,6 +606,11 @@ def main(argv: Sequence[str] | None = None) -> None:
         page += [f"![{f}](figures/{f})\n" for f in binary_figs]
     (out / "README.md").write_text("\n".join(page))
     log.info("wrote %d tables and %d figures under %s", len(sections), len(figs), out)
+    from pipeline.core.review import log_figures
+
+    log_figures(params, {cell: [out / "figures" / f for f in figs + binary_figs
+                                if f.removesuffix(".png").endswith(f"_{cell}")]
+                         for cell in cells})
 
 
 if __name__ == "__main__":

@@ -32,8 +32,10 @@ import numpy as np
 import pandas as pd
 import torch
 
+from pipeline.core import review
 from pipeline.core.cli import run_main
 from pipeline.core.config import ConfigError, apply_overrides, get, load_params, select_run
+from pipeline.core.files import sha256_file
 from pipeline.core.tracking import Tracker, standard_tags
 from pipeline.data.loading import FrameStore, audited_splits, interpolation_of, used_frames
 from pipeline.models.checkpoint import save_checkpoint
@@ -181,6 +183,7 @@ def train_fold(params: Mapping, model_name: str, loss_name: str, fold: int, stor
     fold_run = prepare_fold(params, model_name, loss_name, fold, store, splits)
     fold_dir = out_dir / f"fold_{fold}"
     with tracker.run(f"fold_{fold}", nested=True, tags={"fold": str(fold)}):
+        review.log_fold_split(tracker, params, fold, f"{model_name}-{loss_name}", fold_run.split)
         record_resumed_epochs(tracker, fold_run.state)
         fit(fold_run.learner, fold_run.plan, fold_run.schedule, fold_run.state, fold_run.resume,
             on_epoch=lambda row: record_epoch(tracker, row))
@@ -239,15 +242,17 @@ def run(params: Mapping, model_name: str, loss_name: str, folds: Sequence[int],
 
     leaky = fcfg["validation"] == "test_fold"
     init = describe_init(model_cfg)
-    run_name = f"{model_name}-{loss_name}"
+    cell = run_name = f"{model_name}-{loss_name}"
     if os.environ.get("DVC_EXP_NAME"):
         run_name += f" ({os.environ['DVC_EXP_NAME']})"
     started = time.monotonic()
     with tracker.run(run_name, tags=standard_tags(params, model=model_name, loss=loss_name,
-                                                  init=init, leaky_validation=leaky)):
+                                                  cell=cell, init=init, leaky_validation=leaky)):
         tracker.log_params({"model": model_cfg, "loss": loss_cfg, "train": tcfg, "folds": fcfg,
                             "dataset.name": ds["name"], "seed": params["seed"],
                             "profile": params.get("profile", "")})
+        review.describe_training(tracker, params, cell, folds)
+        review.log_dataset(tracker, params, frames)
         for fold in folds:
             train_fold(params, model_name, loss_name, fold, store, splits, out_dir, tracker)
         metrics, summary = summarize_cell(out_dir, folds, classes)
@@ -265,6 +270,8 @@ def run(params: Mapping, model_name: str, loss_name: str, folds: Sequence[int],
                              "fold_accuracy_mean": metrics["fold_accuracy_mean"],
                              "wall_seconds": wall})
         tracker.log_dict(summary, "summary.json")
+        # What the later stages find this run by: the predictions they read (pipeline.core.review).
+        tracker.set_tags({review.DIGEST_TAG: sha256_file(out_dir / "predictions.csv")})
     log.info("%s-%s: pooled accuracy %.3f over folds %s in %.0f s", model_name, loss_name,
              metrics["accuracy"], list(folds), wall)
     return metrics
