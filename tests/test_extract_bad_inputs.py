@@ -299,7 +299,9 @@ def test_single_frame_video_is_excluded_with_what_it_is(tmp_path, ds_cfg):
 
 
 def stage_project_params(root: Path, ds_cfg: dict, **over) -> None:
-    ds = {**ds_cfg, "kind": "lus_videos", "raw_dir": "data/raw", "frames_dir": "data/frames",
+    from pipeline.core.config import compose
+
+    ds = {**compose([])["dataset"], **ds_cfg, "raw_dir": "data/raw", "frames_dir": "data/frames",
           "frames_summary": "data/frames_summary.json", "workers": 1, "strict": True,
           "min_side": 32, **over}
     (root / "params.yaml").write_text(yaml.safe_dump({"dataset": ds}))
