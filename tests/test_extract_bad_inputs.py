@@ -38,7 +38,7 @@ def ds_cfg() -> dict:
         "metadata": {"file": METADATA, "filename_column": "Filename",
                      "patient_column": "Patient ID / Name", "fps_column": "Framerate"},
         "patient_rules": [{"pattern": r"^(Reg_pat\d+)Image_", "group": r"\1"}],
-        "rate_hz": 3, "max_frames": 30, "frame_max_side": 64}
+        "rate_hz": 3, "max_frames": 30, "frame_max_side": 64, "decode_timeout_s": 120}
 
 
 def base_dataset(root: Path, metadata: str = "Filename,Patient ID / Name,Framerate\n") -> Path:
