@@ -23,8 +23,8 @@ from pipeline.core.schema import ConfigError, validate
 PROJECT_ROOT = Path(__file__).resolve().parents[2]
 CONF_DIR = PROJECT_ROOT / "conf"
 
-__all__ = ["ConfigError", "apply_overrides", "compose", "get", "load_params", "main_repo_root",
-           "resolve_path", "select_run"]
+__all__ = ["ConfigError", "apply_overrides", "compose", "compose_unchecked", "get", "load_params",
+           "main_repo_root", "resolve_path", "select_run"]
 
 
 def compose(overrides: Sequence[str] = (), conf_dir: str | Path = CONF_DIR) -> dict:
@@ -34,6 +34,13 @@ def compose(overrides: Sequence[str] = (), conf_dir: str | Path = CONF_DIR) -> d
         ConfigError: an override names an unknown group option or key, or a value of the wrong
             type; the message lists the valid choices or keys.
     """
+    where = f"{conf_dir} with overrides {list(overrides)}" if overrides else str(conf_dir)
+    return validate(compose_unchecked(overrides, conf_dir), where)
+
+
+def compose_unchecked(overrides: Sequence[str] = (), conf_dir: str | Path = CONF_DIR) -> dict:
+    """What Hydra composes (as ``dvc exp run`` writes it to ``params.yaml``), before the schema
+    check of ``compose``."""
     from hydra import compose as hydra_compose
     from hydra import initialize_config_dir
     from hydra.errors import (
@@ -47,9 +54,7 @@ def compose(overrides: Sequence[str] = (), conf_dir: str | Path = CONF_DIR) -> d
             cfg = hydra_compose(config_name="config", overrides=list(overrides))
     except (ConfigCompositionException, MissingConfigException, OverrideParseException) as exc:
         raise _explain(exc, list(overrides), Path(conf_dir)) from exc
-    composed = OmegaConf.to_container(cfg, resolve=True)
-    where = f"{conf_dir} with overrides {list(overrides)}" if overrides else str(conf_dir)
-    return validate(composed, where)  # type: ignore[arg-type]
+    return OmegaConf.to_container(cfg, resolve=True)  # type: ignore[return-value]
 
 
 def _explain(exc: Exception, overrides: list[str], conf_dir: Path) -> ConfigError:

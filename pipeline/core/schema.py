@@ -20,7 +20,6 @@ from omegaconf.errors import (
     ConfigKeyError,
     MissingMandatoryValue,
     OmegaConfBaseException,
-    ValidationError,
 )
 
 from pipeline.core.cli import UserError
@@ -47,7 +46,7 @@ class Dataset:
     name: str = MISSING
     kind: str = MISSING
     sources: List[str] = MISSING
-    checksums: str = MISSING
+    checksums: Optional[str] = MISSING  # null: not pinned yet (fetch_data says how)
     raw_dir: str = MISSING
     frames_dir: str = MISSING
     frames_summary: str = MISSING

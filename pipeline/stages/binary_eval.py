@@ -36,7 +36,6 @@ from __future__ import annotations
 import json
 import logging
 import math
-import sys
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import NamedTuple
@@ -567,7 +566,6 @@ def main(argv: Sequence[str] | None = None) -> None:
 
 
 if __name__ == "__main__":
-    try:
-        main(sys.argv[1:])
-    except ConfigError as exc:
-        sys.exit(f"config error: {exc}")
+    from pipeline.core.cli import run_main
+
+    run_main(main)
