@@ -153,9 +153,8 @@ def extract(raw_dir: Path, out_dir: Path, ds: Mapping, *, workers: int = 1,
     """Run the extraction over ``raw_dir`` and return the manifest (also for excluded files).
 
     Each file is decoded in its own process within ``ds['decode_timeout_s']`` seconds (null or
-    0: no limit); a file over the limit, or one that
-    crashes the decoder, is a problem like an unreadable one (skipped and recorded, or an error
-    in strict mode).
+    0: no limit); a file over the limit, or one that crashes the decoder, is a problem like an
+    unreadable one (skipped and recorded, or an error in strict mode).
 
     Args:
         decode: the per-file decoder, ``process_file``; replaceable (a module-level function,
