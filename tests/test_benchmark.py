@@ -18,12 +18,14 @@ import torch
 import yaml
 from torch import nn
 
+from pipeline.core.config import compose
 from pipeline.deploy import edge_runner, formats
 from pipeline.models import complexity
 from pipeline.stages import benchmark
 
 SIZE = 32
 RUNS = {"runs": 3, "warmup": 1}
+BENCHMARK = compose([])["benchmark"]  # conf/config.yaml's group, which the tests shrink
 RECORD_FIELDS = {"format", "runtime", "runtime_version", "threads", "batch", "image_size",
                  "median_ms", "p90_ms", "mean_ms", "min_ms", "max_ms", "runs", "warmup",
                  "device_type", "host", "device"}
@@ -83,7 +85,8 @@ def test_exported_files_each_in_their_own_runner_process(exported):
 
 def test_benchmark_run_has_complexity_and_skips_missing_formats(exported, caplog):
     model, out = exported
-    cfg = benchmark.benchmark_config({"benchmark": {**RUNS, "threads": [1, "all"]}})
+    cfg = benchmark.benchmark_config({"benchmark": {**BENCHMARK, **RUNS,
+                                                     "threads": [1, "all"]}})
     result = benchmark.benchmark_run(model, SIZE, out, cfg)
     formats = {r["format"] for r in result["records"]}
     assert formats == {"torch_eager", "onnx", "tflite_fp32", "tflite_int8_dynamic"}
@@ -122,8 +125,10 @@ def test_helpers():
         benchmark.parse_runner_output("noise\n", "Traceback ... boom")
     assert edge_runner.format_of("a/model_int8_full.tflite") == "tflite_int8_full"
     assert edge_runner.format_of("model.tflite") == "tflite_fp32"
-    with pytest.raises(ValueError, match="benchmark.*valid"):
-        benchmark.benchmark_config({"benchmark": {"thread": [1]}})
+    with pytest.raises(ValueError, match="unknown key 'benchmark.thread'.*valid keys.*threads"):
+        benchmark.benchmark_config({"benchmark": {**BENCHMARK, "thread": [1]}})
+    with pytest.raises(ValueError, match="benchmark.formats.*tflite_int4.*valid"):
+        benchmark.benchmark_config({"benchmark": {**BENCHMARK, "formats": ["tflite_int4"]}})
     target = benchmark.RemoteTarget.from_params({"host": "pi@pi.local", "port": 2222})
     assert target.port == 2222 and target.python == "python3"
     with pytest.raises(ValueError, match="remote.*valid"):
@@ -137,7 +142,8 @@ def test_main_writes_the_report(exported, tmp_path, monkeypatch):
     shutil.copytree(out, tmp_path / "exports" / "tiny-ce" / "fold_0")
     monkeypatch.setattr(pipeline.models.checkpoint, "load_model",
                         lambda path: (model, {"image_size": SIZE, "classes": list("abc")}))
-    params = {"benchmark": {**RUNS, "threads": [1], "formats": ["onnx"], "cuda": False}}
+    params = {"benchmark": {**BENCHMARK, **RUNS, "threads": [1], "formats": ["onnx"],
+                            "cuda": False}}
     (tmp_path / "params.yaml").write_text(yaml.safe_dump(params))
     monkeypatch.chdir(tmp_path)
     benchmark.main(["--run-dir", "models/tiny-ce", "--out", "reports/benchmark/tiny-ce.json"])
@@ -249,7 +255,7 @@ def test_benchmark_run_with_a_remote_device(exported, sshd):
     model, out = exported
     remote = {**dataclasses.asdict(sshd), "formats": ["tflite_fp32"]}
     cfg = benchmark.benchmark_config({"benchmark": {
-        **RUNS, "threads": [1], "torch": False, "formats": ["onnx", "tflite_fp32"],
+        **BENCHMARK, **RUNS, "threads": [1], "torch": False, "formats": ["onnx", "tflite_fp32"],
         "remote": remote}})
     result = benchmark.benchmark_run(model, SIZE, out, cfg)
     assert [(r["host"], r["format"]) for r in result["records"]] == [

@@ -34,7 +34,7 @@ S = [0.9, 0.28, 0.22, 0.10, 0.30, 0.26, 0.18, 0.16, 0.05, 0.0]
 
 
 def test_threshold_sweep_by_hand():
-    sweep = threshold_sweep(Y, S).set_index("threshold")
+    sweep = threshold_sweep(Y, S, [0.15, 0.20, 0.25, 0.30]).set_index("threshold")
     assert list(sweep.index) == [0.15, 0.20, 0.25, 0.30]
     #            tp fp tn fn   accuracy sensitivity specificity precision f1
     expected = {0.15: (3, 4, 2, 1, 5 / 10, 3 / 4, 2 / 6, 3 / 7, 6 / 11),

@@ -61,7 +61,10 @@ def fetch_project(root: Path) -> Path:
         (src / name).write_bytes(data)
         lines.append(f"{hashlib.sha256(data).hexdigest()}  {name}\n")
     (root / "sums.sha256").write_text("".join(lines))
-    params = {"dataset": {"sources": [str(src)], "checksums": "sums.sha256", "raw_dir": "data/raw"}}
+    from pipeline.core.config import compose
+
+    params = {"dataset": {**compose([])["dataset"], "sources": [str(src)],
+                          "checksums": "sums.sha256", "raw_dir": "data/raw"}}
     (root / "params.yaml").write_text(yaml.safe_dump(params))
     return src
 

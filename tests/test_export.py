@@ -11,10 +11,12 @@ import torch
 import yaml
 from torch import nn
 
+from pipeline.core.config import compose
 from pipeline.deploy import edge_runner, formats
 from pipeline.stages import export
 
 SIZE = 32
+EXPORT = compose([])["export"]  # the gates of conf/config.yaml
 
 
 class TinyNet(nn.Module):
@@ -61,7 +63,9 @@ def exported(tmp_path_factory):
     labels = torch.randint(0, 3, (12,), generator=torch.Generator().manual_seed(3))
     out = tmp_path_factory.mktemp("export")
     records = formats.export_model(model, out, SIZE, images(12, 1), labels,
-                                  calibration=images(16, 2), extra={"fold": 0})
+                                  calibration=images(16, 2), tolerance=EXPORT["tolerance"],
+                                  min_top1_agreement=EXPORT["min_top1_agreement"],
+                                  opset=EXPORT["opset"], extra={"fold": 0})
     return model, out, {r["format"]: r for r in records}
 
 
@@ -72,8 +76,8 @@ def test_every_format_matches_pytorch(exported, fmt):
     path = out / formats.FILE_NAMES[fmt]
     assert record["file"] == str(path) and path.stat().st_size == record["size_bytes"] > 0
     assert record["passed"] and record["fold"] == 0 and record["n_frames"] == 12
-    assert record["tolerance"] == formats.DEFAULT_TOLERANCE[fmt]
-    # Tighter than the defaults: a tiny model with random weights drifts little.
+    assert record["tolerance"] == EXPORT["tolerance"][fmt]
+    # Tighter than conf/'s gates: a tiny model with random weights drifts little.
     assert record["max_abs_diff"] <= {"onnx": 1e-5, "tflite_fp32": 1e-5}.get(fmt, 0.05)
     assert record["top1_agreement"] == 1.0
     assert {"accuracy_torch", "accuracy", "accuracy_change"} <= set(record)
@@ -160,11 +164,16 @@ def test_bad_requests_name_the_valid_choices():
         formats.quantize_tflite(b"", "int4")
     with pytest.raises(ValueError, match="calibration"):
         formats.quantize_tflite(b"", "int8_full", calibration=None)
-    with pytest.raises(ValueError, match="export.*valid"):
-        export.export_config({"export": {"tolerence": {}}})
-    cfg = export.export_config({"export": {"tolerance": {"tflite_int8_full": 2.0}}})
+    with pytest.raises(ValueError, match="export.formats.*tflite_int4.*valid"):
+        export.export_config({"export": {**EXPORT, "formats": ["onnx", "tflite_int4"]}})
+    with pytest.raises(ValueError, match="export.tolerance: no entry for.*onnx.*valid keys"):
+        export.export_config({"export": {**EXPORT, "tolerance": {"tflite_fp32": 1.0}}})
+    with pytest.raises(ValueError, match="export.min_top1_agreement: unknown.*tflite_fp61"):
+        export.export_config({"export": {**EXPORT, "min_top1_agreement": {
+            **EXPORT["min_top1_agreement"], "tflite_fp61": 0.5}}})
+    cfg = export.export_config({"export": {**EXPORT, "tolerance": {**EXPORT["tolerance"],
+                                                                  "tflite_int8_full": 2.0}}})
     assert cfg["tolerance"]["tflite_int8_full"] == 2.0
-    assert cfg["tolerance"]["onnx"] == formats.DEFAULT_TOLERANCE["onnx"]
 
 
 def test_main_exports_every_fold_and_writes_parity_json(tmp_path, monkeypatch):
@@ -180,7 +189,8 @@ def test_main_exports_every_fold_and_writes_parity_json(tmp_path, monkeypatch):
     frames = []
     monkeypatch.setattr(export, "_frames", lambda fold, split, size, limit: (
         frames.append((fold, split, size, limit)) or images(4, fold).numpy(), np.zeros(4, int)))
-    params = {"export": {"formats": ["onnx", "tflite_fp32"], "parity_frames": 4}}
+    params = {"export": {**EXPORT, "formats": ["onnx", "tflite_fp32"], "parity_frames": 4,
+                         "all_formats_folds": None}}
     (tmp_path / "params.yaml").write_text(yaml.safe_dump(params))
     monkeypatch.chdir(tmp_path)
 
@@ -207,7 +217,7 @@ def test_main_exports_every_fold_and_writes_parity_json(tmp_path, monkeypatch):
     assert [(r["fold"], r["format"]) for r in summary["records"]] == [
         (0, "onnx"), (1, "onnx"), (1, "tflite_fp32")]
     assert not (out_dir / "fold_0" / "model_fp32.tflite").exists()
-    del params["export"]["all_formats_folds"]
+    params["export"]["all_formats_folds"] = None
 
     params["export"].update(formats=["onnx"], tolerance={"onnx": -1.0})  # impossible to meet
     (tmp_path / "params.yaml").write_text(yaml.safe_dump(params))

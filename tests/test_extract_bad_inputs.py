@@ -38,7 +38,7 @@ def ds_cfg() -> dict:
         "metadata": {"file": METADATA, "filename_column": "Filename",
                      "patient_column": "Patient ID / Name", "fps_column": "Framerate"},
         "patient_rules": [{"pattern": r"^(Reg_pat\d+)Image_", "group": r"\1"}],
-        "rate_hz": 3, "max_frames": 30, "frame_max_side": 64}
+        "rate_hz": 3, "max_frames": 30, "frame_max_side": 64, "decode_timeout_s": 120}
 
 
 def base_dataset(root: Path, metadata: str = "Filename,Patient ID / Name,Framerate\n") -> Path:
@@ -299,7 +299,9 @@ def test_single_frame_video_is_excluded_with_what_it_is(tmp_path, ds_cfg):
 
 
 def stage_project_params(root: Path, ds_cfg: dict, **over) -> None:
-    ds = {**ds_cfg, "kind": "lus_videos", "raw_dir": "data/raw", "frames_dir": "data/frames",
+    from pipeline.core.config import compose
+
+    ds = {**compose([])["dataset"], **ds_cfg, "raw_dir": "data/raw", "frames_dir": "data/frames",
           "frames_summary": "data/frames_summary.json", "workers": 1, "strict": True,
           "min_side": 32, **over}
     (root / "params.yaml").write_text(yaml.safe_dump({"dataset": ds}))

@@ -83,7 +83,7 @@ def ds_cfg():
         "metadata": {"file": "dataset_metadata.csv", "filename_column": "Filename",
                      "patient_column": "Patient ID / Name", "fps_column": "Framerate"},
         "patient_rules": [{"pattern": r"^(Reg_pat\d+)Image_", "group": r"\1"}],
-        "rate_hz": 3, "max_frames": 30, "frame_max_side": 32}
+        "rate_hz": 3, "max_frames": 30, "frame_max_side": 32, "decode_timeout_s": 120}
 
 
 def test_every_input_file_is_accounted_for(tmp_path, ds_cfg):

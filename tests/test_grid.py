@@ -149,7 +149,9 @@ def test_failed_task_is_reported_and_fails_the_command(tmp_path, ray_cluster, ca
     params = make_tiny_project(project, epochs=1, folds=(0,),
                                tracking_uri=f"sqlite:///{project / 'mlruns' / 'mlflow.db'}")
     params["grid"] = {"models": ["mini_covidnet"], "losses": ["ce", "focal"]}
-    params["losses"]["focal"]["name"] = "no_such_loss"  # fails in the task, not before
+    # Valid params (the command checks them before any task), but a loss the task cannot build:
+    # two class weights for three classes.
+    params["losses"]["focal"]["alpha"] = [1.0, 2.0]
     (project / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
 
     with pytest.raises(SystemExit) as exit_info:
@@ -158,7 +160,7 @@ def test_failed_task_is_reported_and_fails_the_command(tmp_path, ray_cluster, ca
     assert "mini_covidnet-focal fold 0" in str(exit_info.value.code)
     failure = next(r for r in caplog.records if "FAILED" in r.getMessage())
     assert "mini_covidnet-focal fold 0" in failure.getMessage()
-    assert "no_such_loss" in failure.getMessage()  # the training's own error, from its log
+    assert "has 2 weights" in failure.getMessage()  # the training's own error, from its log
     assert (project / "models" / "mini_covidnet-ce" / "metrics.json").is_file()
     assert not (project / "models" / "mini_covidnet-focal").exists()
 

@@ -3,6 +3,9 @@
 ``conf/`` is the Hydra source of truth; ``dvc exp run`` composes it into ``params.yaml``
 (``hydra.enabled``), and every stage reads ``params.yaml`` so that ``-S`` overrides reach it.
 ``compose`` is the same composition in-process, for tests and for running a module outside DVC.
+Both check the result against the typed schemas of :mod:`pipeline.core.schema`: DVC composes in
+its own process, so a wrong type given with ``dvc exp run -S`` is refused when the stage loads
+``params.yaml``.
 """
 
 from __future__ import annotations
@@ -15,23 +18,29 @@ from typing import Any
 import yaml
 from omegaconf import OmegaConf
 
-from pipeline.core.cli import UserError
+from pipeline.core.schema import ConfigError, validate
 
 PROJECT_ROOT = Path(__file__).resolve().parents[2]
 CONF_DIR = PROJECT_ROOT / "conf"
 
-
-class ConfigError(ValueError, UserError):
-    """A configuration key or value that the pipeline cannot run with."""
+__all__ = ["ConfigError", "apply_overrides", "compose", "compose_unchecked", "get", "load_params",
+           "main_repo_root", "resolve_path", "select_run"]
 
 
 def compose(overrides: Sequence[str] = (), conf_dir: str | Path = CONF_DIR) -> dict:
     """Compose ``conf/config.yaml`` with Hydra overrides, as ``dvc exp run -S`` does.
 
     Raises:
-        ConfigError: an override names an unknown group option or key; the message lists the
-            valid choices.
+        ConfigError: an override names an unknown group option or key, or a value of the wrong
+            type; the message lists the valid choices or keys.
     """
+    where = f"{conf_dir} with overrides {list(overrides)}" if overrides else str(conf_dir)
+    return validate(compose_unchecked(overrides, conf_dir), where)
+
+
+def compose_unchecked(overrides: Sequence[str] = (), conf_dir: str | Path = CONF_DIR) -> dict:
+    """What Hydra composes (as ``dvc exp run`` writes it to ``params.yaml``), before the schema
+    check of ``compose``."""
     from hydra import compose as hydra_compose
     from hydra import initialize_config_dir
     from hydra.errors import (
@@ -79,13 +88,18 @@ def _explain(exc: Exception, overrides: list[str], conf_dir: Path) -> ConfigErro
 
 
 def load_params(path: str | Path = "params.yaml") -> dict:
-    """Read the composed parameters that DVC tracks."""
+    """Read the composed parameters that DVC tracks, checked against their schemas.
+
+    Raises:
+        ConfigError: the file is missing, or a group in it has an unknown or missing key or a
+            value of the wrong type (the message lists the valid keys).
+    """
     path = Path(path)
     if not path.is_file():
         raise ConfigError(f"{path} not found: run from the project root, or compose it with "
                           f"`dvc exp run` / `python -m pipeline.core.config > params.yaml`")
     with path.open() as f:
-        return yaml.safe_load(f)
+        return validate(yaml.safe_load(f) or {}, str(path))
 
 
 def get(params: Mapping, dotted: str) -> Any:
@@ -112,7 +126,8 @@ def apply_overrides(params: dict, overrides: Sequence[str]) -> dict:
         key, value = item.split("=", 1)
         get(params, key)  # raises with the valid keys if the key does not exist
         OmegaConf.update(cfg, key, yaml.safe_load(value), merge=False)
-    return OmegaConf.to_container(cfg, resolve=True)  # type: ignore[return-value]
+    return validate(OmegaConf.to_container(cfg, resolve=True),  # type: ignore[arg-type]
+                    f"overrides {list(overrides)}")
 
 
 def select_run(params: Mapping, model: str, loss: str) -> tuple[dict, dict]:
@@ -126,13 +141,14 @@ def select_run(params: Mapping, model: str, loss: str) -> tuple[dict, dict]:
 
 
 def main_repo_root(start: str | Path | None = None) -> Path:
-    """The user's checkout, also from inside a ``dvc exp run --temp/--queue`` workspace.
+    """The user's checkout: the working directory (``start``), where DVC runs every stage, or
+    the checkout that holds it when that is a ``dvc exp run --temp/--queue`` workspace.
 
     Queued and temporary experiments run in a copy under ``<repo>/.dvc/tmp/exps/`` that DVC
     deletes afterwards; anything meant to outlive the run (the MLflow store, data sources given
     relative to the project) must resolve against the checkout that holds that copy.
     """
-    here = Path(start or os.environ.get("DVC_ROOT") or Path.cwd()).resolve()
+    here = Path(start or Path.cwd()).resolve()
     parts = here.parts
     for i in range(len(parts) - 3):
         if parts[i:i + 3] == (".dvc", "tmp", "exps"):

@@ -40,9 +40,6 @@ VIDEO_EXTS = {".mp4", ".mov", ".avi", ".mpeg", ".mpg", ".gif", ".m4v", ".webm", 
 IMAGE_EXTS = {".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp"}
 MANIFEST_COLUMNS = ["frame", "source", "class", "label", "probe", "kind", "patient",
                     "frame_index", "time_s", "fps", "width", "height", "status", "reason"]
-# Per-file wall-clock limit of decoding (``dataset.decode_timeout_s``). The slowest file of the
-# real dataset takes about 1 s, so only a hung decoder reaches this.
-DEFAULT_DECODE_TIMEOUT_S = 120.0
 
 
 class ExtractionError(RuntimeError, UserError):

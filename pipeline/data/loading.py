@@ -38,8 +38,8 @@ INTERPOLATIONS = {"area": cv2.INTER_AREA, "nearest": cv2.INTER_NEAREST, "linear"
 
 
 def interpolation_of(ds: Mapping) -> str:
-    """The dataset config's ``resize_interpolation`` (``area`` where a config predates it)."""
-    return str(ds.get("resize_interpolation", "area"))
+    """The dataset config's ``resize_interpolation``."""
+    return str(ds["resize_interpolation"])
 
 
 def _cv2_interpolation(name: str) -> int:

@@ -15,7 +15,6 @@ import pandas as pd
 
 from pipeline.core.config import get
 from pipeline.data.frames import (
-    DEFAULT_DECODE_TIMEOUT_S,
     IMAGE_EXTS,
     MANIFEST_COLUMNS,
     VIDEO_EXTS,
@@ -153,10 +152,9 @@ def extract(raw_dir: Path, out_dir: Path, ds: Mapping, *, workers: int = 1,
             strict: bool = True, decode: Callable[..., Result] = process_file) -> pd.DataFrame:
     """Run the extraction over ``raw_dir`` and return the manifest (also for excluded files).
 
-    Each file is decoded in its own process within ``ds['decode_timeout_s']`` seconds (default
-    ``DEFAULT_DECODE_TIMEOUT_S``; null or 0: no limit); a file over the limit, or one that
-    crashes the decoder, is a problem like an unreadable one (skipped and recorded, or an error
-    in strict mode).
+    Each file is decoded in its own process within ``ds['decode_timeout_s']`` seconds (null or
+    0: no limit); a file over the limit, or one that crashes the decoder, is a problem like an
+    unreadable one (skipped and recorded, or an error in strict mode).
 
     Args:
         decode: the per-file decoder, ``process_file``; replaceable (a module-level function,
@@ -173,7 +171,7 @@ def extract(raw_dir: Path, out_dir: Path, ds: Mapping, *, workers: int = 1,
     rows = _unselected_rows(items, problems)
     args = (str(raw_dir), str(out_dir), float(ds["rate_hz"]), int(ds["max_frames"]),
             ds.get("frame_max_side"), ds.get("min_side"))
-    timeout_s = ds.get("decode_timeout_s", DEFAULT_DECODE_TIMEOUT_S)
+    timeout_s = ds["decode_timeout_s"]
     timeout_s = float(timeout_s) if timeout_s else None
     results = _decode_all(selected, args, workers, timeout_s, decode)
     rows += _decoded_rows(selected, results, problems)
@@ -248,4 +246,4 @@ def _decoded_rows(selected: Sequence[InputFile], results: Sequence[Result],
 
 def prepare_lus_videos(raw_dir: Path, frames_dir: Path, ds: Mapping, strict: bool) -> pd.DataFrame:
     """The adapter of ``dataset.kind: lus_videos``: :func:`extract` with ``dataset.workers``."""
-    return extract(raw_dir, frames_dir, ds, workers=int(ds.get("workers", 1)), strict=strict)
+    return extract(raw_dir, frames_dir, ds, workers=int(ds["workers"]), strict=strict)

@@ -179,9 +179,11 @@ def throughput_table(dest: Path) -> None:
 
 
 def run_stages(work: Path, stages: list[str], dvc_root: Path = CODE_ROOT) -> None:
-    """This checkout's stage code in ``work``; ``dvc_root`` is what relative data sources resolve
-    against and whose code revision the reports' provenance lines name."""
-    env = {**os.environ, "PYTHONPATH": str(CODE_ROOT), "DVC_ROOT": str(dvc_root)}
+    """This checkout's stage code in ``work``; the reports' provenance lines name the code
+    revision of ``dvc_root``'s git repository (``GIT_DIR``), as a stage run in it would."""
+    git_dir = subprocess.run(["git", "rev-parse", "--absolute-git-dir"], cwd=dvc_root,
+                             capture_output=True, text=True).stdout.strip()
+    env = {**os.environ, "PYTHONPATH": str(CODE_ROOT), **({"GIT_DIR": git_dir} if git_dir else {})}
     for stage in stages:
         subprocess.run([sys.executable, "-m", f"pipeline.stages.{stage}"], cwd=work, env=env,
                        check=True)

@@ -39,8 +39,6 @@ from pipeline.deploy.formats import FILE_NAMES, FORMATS
 log = logging.getLogger("pipeline.stages.benchmark")
 
 RUNNER = Path(edge_runner.__file__).resolve()
-DEFAULTS = {"fold": 0, "formats": list(FORMATS), "torch": True, "cuda": True, "runs": 50,
-            "warmup": 10, "threads": [1, "all"], "remote": None}
 
 
 @dataclasses.dataclass
@@ -243,18 +241,16 @@ def benchmark_torch(model: nn.Module, image_size: int, threads: Sequence[int] = 
 
 
 def benchmark_config(params: Mapping) -> dict:
-    """The ``benchmark`` params group with defaults filled in and its keys checked."""
-    from pipeline.core.config import ConfigError
+    """The ``benchmark`` params group, checked against its schema (``pipeline.core.schema``)
+    and its formats against the converters."""
+    from pipeline.core.config import ConfigError, get
+    from pipeline.core.schema import validate
 
-    cfg = dict(params.get("benchmark") or {})
-    unknown = sorted(set(cfg) - set(DEFAULTS))
-    if unknown:
-        raise ConfigError(f"unknown key(s) benchmark.{unknown} (valid: {sorted(DEFAULTS)})")
-    merged = {**DEFAULTS, **cfg}
-    bad = sorted(set(merged["formats"]) - set(FORMATS))
+    cfg = validate({"benchmark": get(params, "benchmark")})["benchmark"]
+    bad = sorted(set(cfg["formats"]) - set(FORMATS))
     if bad:
         raise ConfigError(f"benchmark.formats has unknown format(s) {bad} (valid: {list(FORMATS)})")
-    return merged
+    return cfg
 
 
 def benchmark_run(model: nn.Module, image_size: int, export_dir: str | Path, cfg: Mapping,

@@ -36,7 +36,6 @@ from __future__ import annotations
 import json
 import logging
 import math
-import sys
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import NamedTuple
@@ -56,10 +55,6 @@ from pipeline.evaluation.bootstrap_figures import BINARY_FIGURES, BinaryFigures 
 
 log = logging.getLogger("pipeline.stages.binary_eval")
 
-DEFAULT_THRESHOLDS = (0.15, 0.20, 0.25, 0.30)
-DEFAULTS = {"thresholds": list(DEFAULT_THRESHOLDS), "target_sensitivity": 0.973, "z": 1.96,
-            "bins": 20, "tsne": False, "tsne_fold": 0, "tsne_max": 2000, "dir": "reports/binary",
-            "metrics": "reports/binary_metrics.json", "bootstrap": 1000, "ci": 0.95}
 #: How the two operating points are labelled in every output.
 FITTED_LABEL = "fitted on test (optimistic, as in the study)"
 HELD_OUT_LABEL = "held out (threshold chosen on validation, applied to test)"
@@ -116,7 +111,7 @@ def confusion_at(y_true: np.ndarray, score: np.ndarray, threshold: float, z: flo
 
 
 def threshold_sweep(y_true: Sequence[int] | np.ndarray, score: Sequence[float] | np.ndarray,
-                    thresholds: Sequence[float] = DEFAULT_THRESHOLDS, z: float = 1.96) -> pd.DataFrame:
+                    thresholds: Sequence[float], z: float = 1.96) -> pd.DataFrame:
     """One row per threshold: counts, accuracy, sensitivity, specificity, precision, F1 and the
     Wald half-widths (``*_ci``) of accuracy, sensitivity and specificity."""
     return pd.DataFrame([confusion_at(y_true, score, t, z) for t in thresholds])
@@ -542,10 +537,10 @@ def main(argv: Sequence[str] | None = None) -> None:
     params = load_params()
     ds = get(params, "dataset")
     classes = list(ds["classes"])
-    cfg = {**DEFAULTS, **(params.get("binary") or {})}
+    cfg = get(params, "binary")
     out = Path(cfg["dir"])
     out.mkdir(parents=True, exist_ok=True)
-    positive = ds.get("positive_class")
+    positive = ds["positive_class"]
     metrics_path = Path(cfg["metrics"])
     if positive is None:
         metrics_path.write_text("{}\n")
@@ -573,10 +568,10 @@ def main(argv: Sequence[str] | None = None) -> None:
                 groups = preds["frame"].map(findings).replace("", np.nan)
             val = read_val_predictions(Path("models") / cell, sorted(preds["fold"].unique()))
             compact[cell] = evaluate_cell(preds, classes, positive, cfg, out / cell, groups, val,
-                                          int(params.get("seed", 0)))
+                                          get(params, "seed"))
             if cfg["tsne"]:
                 _tsne_cell(Path("models") / cell, preds, Path(ds["frames_dir"]), cfg,
-                           int(params.get("seed", 0)), out / cell / "tsne.png")
+                           get(params, "seed"), out / cell / "tsne.png")
             log.info("%s: AUC %.3f; at sensitivity >= %.3f: threshold %.3f, specificity %.3f "
                      "(fitted on test); held out: %s", cell, compact[cell]["auc"],
                      cfg["target_sensitivity"], compact[cell]["operating_point"]["threshold"],
@@ -588,7 +583,6 @@ def main(argv: Sequence[str] | None = None) -> None:
 
 
 if __name__ == "__main__":
-    try:
-        main(sys.argv[1:])
-    except ConfigError as exc:
-        sys.exit(f"config error: {exc}")
+    from pipeline.core.cli import run_main
+
+    run_main(main)

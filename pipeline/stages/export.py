@@ -15,37 +15,28 @@ from pathlib import Path
 
 import numpy as np
 
-from pipeline.deploy.formats import (
-    DEFAULT_MIN_TOP1,
-    DEFAULT_OPSET,
-    DEFAULT_TOLERANCE,
-    FORMATS,
-    check_parity,
-    export_model,
-)
+from pipeline.deploy.formats import FORMATS, check_parity, export_model
 
 log = logging.getLogger("pipeline.stages.export")
 
 
 def export_config(params: Mapping) -> dict:
-    """The ``export`` params group with defaults filled in and its keys checked."""
-    from pipeline.core.config import ConfigError
+    """The ``export`` params group (typed by ``pipeline.core.schema``), its formats checked
+    against the converters and each one's gates present."""
+    from pipeline.core.config import ConfigError, get
+    from pipeline.core.schema import validate
 
-    defaults = {"formats": list(FORMATS), "opset": DEFAULT_OPSET, "parity_frames": 32,
-                "parity_split": "test", "calibration_frames": 64, "calibration_split": "train",
-                "tolerance": dict(DEFAULT_TOLERANCE), "min_top1_agreement": dict(DEFAULT_MIN_TOP1),
-                "all_formats_folds": None}
-    cfg = dict(params.get("export") or {})
-    unknown = sorted(set(cfg) - set(defaults))
-    if unknown:
-        raise ConfigError(f"unknown key(s) export.{unknown} (valid: {sorted(defaults)})")
-    merged = {**defaults, **cfg}
-    for key in ("tolerance", "min_top1_agreement"):
-        merged[key] = {**defaults[key], **(cfg.get(key) or {})}
-    bad = sorted(set(merged["formats"]) - set(FORMATS))
+    cfg = validate({"export": get(params, "export")})["export"]
+    bad = sorted(set(cfg["formats"]) - set(FORMATS))
     if bad:
         raise ConfigError(f"export.formats has unknown format(s) {bad} (valid: {list(FORMATS)})")
-    return merged
+    for key in ("tolerance", "min_top1_agreement"):
+        unknown = sorted(set(cfg[key]) - set(FORMATS))
+        missing = [f for f in cfg["formats"] if f not in cfg[key]]
+        if unknown or missing:
+            raise ConfigError(f"export.{key}: " + (f"unknown format(s) {unknown}" if unknown else
+                              f"no entry for {missing}") + f" (valid keys: {list(FORMATS)})")
+    return cfg
 
 
 def fold_formats(cfg: Mapping, fold: int) -> list[str]:

@@ -28,7 +28,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     Path(ds["frames_summary"]).unlink(missing_ok=True)  # no stale summary beside a failed run
 
     def build(out_dir: Path) -> pd.DataFrame:
-        return prepare(ds.get("kind", "lus_videos"), raw_dir, out_dir, ds, strict=bool(ds["strict"]))
+        return prepare(ds["kind"], raw_dir, out_dir, ds, strict=bool(ds["strict"]))
 
     manifest = build_store(Path(ds["frames_dir"]), build)
     info = summary(manifest)
