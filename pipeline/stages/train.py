@@ -77,7 +77,7 @@ def prepare_fold(params: Mapping, model_name: str, loss_name: str, fold: int, st
     seed = int(get(params, "seed"))
     device = pick_device(str(tcfg["device"]))
     amp, channels_last = precision(tcfg, device)
-    if device.type == "cpu" and tcfg.get("deterministic", True):
+    if device.type == "cpu" and tcfg["deterministic"]:
         torch.use_deterministic_algorithms(True, warn_only=True)
 
     split = fold_split(store.frames, splits, fold, tcfg)
@@ -229,7 +229,7 @@ def run(params: Mapping, model_name: str, loss_name: str, folds: Sequence[int],
     model_cfg, loss_cfg = select_run(params, model_name, loss_name)
     ds, fcfg, tcfg = get(params, "dataset"), get(params, "folds"), get(params, "train")
     # First: a required but unreachable store fails in seconds, before any data is loaded.
-    tracker = Tracker(params.get("tracking", {}))
+    tracker = Tracker(get(params, "tracking"))
     classes = list(ds["classes"])
     frames = used_frames(ds["frames_dir"])
     splits = audited_splits(params)
@@ -250,7 +250,7 @@ def run(params: Mapping, model_name: str, loss_name: str, folds: Sequence[int],
                                                   cell=cell, init=init, leaky_validation=leaky)):
         tracker.log_params({"model": model_cfg, "loss": loss_cfg, "train": tcfg, "folds": fcfg,
                             "dataset.name": ds["name"], "seed": params["seed"],
-                            "profile": params.get("profile", "")})
+                            "profile": get(params, "profile")})
         review.describe_training(tracker, params, cell, folds)
         review.log_dataset(tracker, params, frames)
         for fold in folds:

@@ -58,7 +58,7 @@ def fold_tensors(store: FrameStore, parts: Mapping[str, pd.DataFrame], device: t
 
 def uses_cuda_graph(tcfg: Mapping, device: torch.device) -> bool:
     """``train.cuda_graph``, which applies on CUDA devices only."""
-    use_graph = bool(tcfg.get("cuda_graph", False))
+    use_graph = bool(tcfg["cuda_graph"])
     if use_graph and device.type != "cuda":
         log.info("train.cuda_graph is for CUDA devices; eager steps on %s", device)
         return False

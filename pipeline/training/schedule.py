@@ -31,11 +31,11 @@ from pipeline.core.config import ConfigError
 def lr_milestones(tcfg: Mapping) -> tuple[list[int], float]:
     """``train.lr_steps``: epochs at which the learning rate is multiplied by ``factor`` (as
     torch's MultiStepLR; MedMNIST's benchmark uses x0.1 at 50% and 75% of the epochs)."""
-    cfg = tcfg.get("lr_steps") or {}
-    milestones = sorted(int(m) for m in cfg.get("milestones") or [])
+    cfg = tcfg["lr_steps"]
+    milestones = sorted(int(m) for m in cfg["milestones"])
     if any(m <= 0 for m in milestones):
         raise ConfigError(f"train.lr_steps.milestones={milestones}: epochs must be positive")
-    return milestones, float(cfg.get("factor", 0.1))
+    return milestones, float(cfg["factor"])
 
 
 def milestones_passed(milestones: Sequence[int], epoch: int) -> int:
@@ -80,7 +80,7 @@ class Schedule:
     def from_config(cls, tcfg: Mapping) -> Schedule:
         opt, plateau = tcfg["optimizer"], tcfg["lr_plateau"]
         milestones, step_factor = lr_milestones(tcfg)
-        return cls(base_lr=float(opt["lr"]), decay=float(opt.get("decay", 0.0)),
+        return cls(base_lr=float(opt["lr"]), decay=float(opt["decay"]),
                    stop_patience=int(tcfg["early_stopping"]["patience"]),
                    plateau_factor=float(plateau["factor"]),
                    plateau_patience=int(plateau["patience"]),

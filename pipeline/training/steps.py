@@ -44,7 +44,7 @@ def precision(tcfg: dict, device: torch.device) -> tuple[bool, bool]:
     """(bf16 autocast, channels-last) of training on ``device``: ``train.amp`` and
     ``train.channels_last`` apply on CUDA, and on a CPU only with ``train.cpu_amp`` (autocast
     there needs native bf16; emulated bf16 would be slower than fp32)."""
-    on = device.type == "cuda" or (device.type == "cpu" and bool(tcfg.get("cpu_amp", False)))
+    on = device.type == "cuda" or (device.type == "cpu" and bool(tcfg["cpu_amp"]))
     amp = bool(tcfg["amp"]) and on
     if amp and device.type == "cpu" and not cpu_bf16_supported():
         raise ConfigError("train.cpu_amp=true asks for bf16 autocast on this CPU, which has no "
