@@ -189,8 +189,9 @@ def test_main_exports_every_fold_and_writes_parity_json(tmp_path, monkeypatch):
     frames = []
     monkeypatch.setattr(export, "_frames", lambda fold, split, size, limit: (
         frames.append((fold, split, size, limit)) or images(4, fold).numpy(), np.zeros(4, int)))
+    # One process: the patched loaders live in this one (the e2e tests run export.workers=2).
     params = {"export": {**EXPORT, "formats": ["onnx", "tflite_fp32"], "parity_frames": 4,
-                         "all_formats_folds": None}}
+                         "all_formats_folds": None, "workers": 1}}
     (tmp_path / "params.yaml").write_text(yaml.safe_dump(params))
     monkeypatch.chdir(tmp_path)
 
@@ -206,7 +207,9 @@ def test_main_exports_every_fold_and_writes_parity_json(tmp_path, monkeypatch):
         assert {"format", "file", "max_abs_diff", "top1_agreement", "n_frames", "size_bytes",
                 "tolerance", "passed"} <= set(r)
     assert (out_dir / "fold_1" / "model_fp32.tflite").is_file()
-    assert frames == [(0, "test", SIZE, 4), (1, "test", SIZE, 4)]  # no int8_full: no calibration
+    # Parity frames per fold (no int8_full: no calibration), then again for the models logged to
+    # MLflow (every fold here: each has every format).
+    assert frames == [(0, "test", SIZE, 4), (1, "test", SIZE, 4)] * 2
 
     # export.all_formats_folds: the other folds get ONNX only
     params["export"]["all_formats_folds"] = [1]

@@ -293,6 +293,7 @@ class Export:
     calibration_split: str = MISSING
     tolerance: Dict[str, Optional[float]] = MISSING
     min_top1_agreement: Dict[str, float] = MISSING
+    workers: int = MISSING
 
 
 @dataclass

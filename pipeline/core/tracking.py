@@ -129,7 +129,7 @@ class Tracker:
     """A parent run with child runs; every call is a no-op once tracking is disabled."""
 
     def __init__(self, cfg: Mapping):
-        self.required = bool(cfg["required"])
+        self.required = bool(cfg.get("required", False))  # keys left out: MLflow's own behaviour
         self.enabled = True
         self.reason = ""
         self.env = http_limits(cfg)

@@ -71,6 +71,60 @@ def _frames(fold: int, split: str, image_size: int, limit: int | None):
     return images.float().div(255).numpy(), np.asarray(labels)
 
 
+def export_fold(fold: int, ckpt_path: Path, cfg: Mapping, out_root: Path) -> list[dict]:
+    """Export one fold's model in its formats (:func:`fold_formats`) and check each file."""
+    from pipeline.models.checkpoint import load_model
+
+    formats = fold_formats(cfg, fold)
+    model, ckpt = load_model(ckpt_path)
+    size = int(ckpt["image_size"])
+    log.info("fold %d: %s (%s, %d px) -> %s", fold, ckpt_path, type(model).__name__, size,
+             out_root / f"fold_{fold}")
+    images, labels = _frames(fold, cfg["parity_split"], size, cfg["parity_frames"])
+    calibration = None
+    if "tflite_int8_full" in formats:
+        calibration, _ = _frames(fold, cfg["calibration_split"], size, cfg["calibration_frames"])
+    return export_model(model, out_root / f"fold_{fold}", size, images, labels, calibration,
+                        formats, cfg["tolerance"], cfg["min_top1_agreement"], cfg["opset"],
+                        strict=False, extra={"fold": fold})
+
+
+def _worker_setup() -> None:
+    """A worker process of :func:`export_folds`: the stage's logging, one thread each."""
+    import torch
+
+    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    logging.getLogger("pipeline").setLevel(logging.INFO)
+    torch.set_num_threads(1)
+
+
+def export_folds(checkpoints: Mapping[int, Path], cfg: Mapping, out_root: Path) -> list[list[dict]]:
+    """:func:`export_fold` for every fold, in ``export.workers`` processes (1: in this one);
+    the records come back in fold order."""
+    workers = min(int(cfg["workers"]), len(checkpoints))
+    if workers <= 1:
+        return [export_fold(fold, path, cfg, out_root) for fold, path in checkpoints.items()]
+    import multiprocessing
+    from concurrent.futures import ProcessPoolExecutor
+
+    # Spawned, not forked: the converters hold threads and state a fork would copy half-made.
+    with ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn"),
+                             initializer=_worker_setup) as pool:
+        futures = [pool.submit(export_fold, fold, path, dict(cfg), out_root)
+                   for fold, path in checkpoints.items()]
+        return [f.result() for f in futures]
+
+
+def _logged_model(ckpt_path: Path, cfg: Mapping) -> tuple:
+    """The model and two parity frames of a fold whose models go to MLflow."""
+    from pipeline.models.checkpoint import load_model
+
+    model, ckpt = load_model(ckpt_path)
+    fold = int(Path(ckpt_path).parent.name.removeprefix("fold_"))
+    images, _ = _frames(fold, cfg["parity_split"], int(ckpt["image_size"]), cfg["parity_frames"])
+    return model, images[:2]
+
+
 def main(argv: Sequence[str] | None = None) -> None:
     # Converters log every lowering step on the root logger: keep theirs to warnings.
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
@@ -84,7 +138,6 @@ def main(argv: Sequence[str] | None = None) -> None:
     args = parser.parse_args(argv)
 
     from pipeline.core.config import load_params
-    from pipeline.models.checkpoint import load_model
 
     cfg = export_config(load_params(args.params))
     run_dir = Path(args.run_dir)
@@ -99,25 +152,10 @@ def main(argv: Sequence[str] | None = None) -> None:
         checkpoints = {k: checkpoints[k] for k in args.folds}
     # Beside, not inside, the train stage's output: DVC outputs must not overlap.
     out_root = Path(args.out_dir) if args.out_dir else Path("exports") / run_dir.name
-    records: list[dict] = []
-    logged: dict[int, tuple] = {}  # folds exported in every format: their models go to MLflow
-    for fold, ckpt_path in checkpoints.items():
-        formats = fold_formats(cfg, fold)
-        model, ckpt = load_model(ckpt_path)
-        size = int(ckpt["image_size"])
-        log.info("fold %d: %s (%s, %d px) -> %s", fold, ckpt_path, type(model).__name__, size,
-                 out_root / f"fold_{fold}")
-        images, labels = _frames(fold, cfg["parity_split"], size, cfg["parity_frames"])
-        calibration = None
-        if "tflite_int8_full" in formats:
-            calibration, _ = _frames(fold, cfg["calibration_split"], size,
-                                     cfg["calibration_frames"])
-        records += export_model(model, out_root / f"fold_{fold}", size, images, labels,
-                                calibration, formats, cfg["tolerance"],
-                                cfg["min_top1_agreement"], cfg["opset"], strict=False,
-                                extra={"fold": fold})
-        if set(formats) == set(cfg["formats"]):
-            logged[fold] = (model, images[:2])
+    records = [r for rs in export_folds(checkpoints, cfg, out_root) for r in rs]
+    # Folds exported in every format: their models go to MLflow.
+    logged = {fold: _logged_model(path, cfg) for fold, path in checkpoints.items()
+              if set(fold_formats(cfg, fold)) == set(cfg["formats"])}
     summary = {"run": run_dir.name, "passed": all(r["passed"] for r in records),
                "n_files": len(records), "per_format": summarize(records), "records": records}
     out_root.mkdir(parents=True, exist_ok=True)
