@@ -23,7 +23,7 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-STAGE_LINE = re.compile(r"^Running stage '([^']+)'")
+STAGE_LINE = re.compile(r"Running stage '([^']+)'")
 
 
 def timed_repro(cwd: Path, env: dict) -> tuple[dict[str, float], float]:
@@ -34,7 +34,7 @@ def timed_repro(cwd: Path, env: dict) -> tuple[dict[str, float], float]:
     stages: dict[str, float] = {}
     current, since = None, start
     for line in proc.stdout:
-        match = STAGE_LINE.match(line)
+        match = STAGE_LINE.search(line)
         if match:
             now = time.perf_counter()
             if current:
