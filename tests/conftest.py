@@ -4,7 +4,9 @@ dataset path."""
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import os
+import shutil
 from pathlib import Path
 
 import cv2
@@ -55,6 +57,48 @@ def natural_image(rng: np.random.Generator, height: int = 96, width: int = 96) -
     spectrum = (rng.normal(size=shape) + 1j * rng.normal(size=shape)) / radius
     img = np.fft.irfft2(spectrum, s=(height, width))
     return ((img - img.min()) / np.ptp(img) * 255).astype(np.uint8)
+
+
+# Four convex files per class, from different patients (the metadata gives each its patient id):
+# the real-data subset the end-to-end tests run the pipeline on.
+LUS_SUBSET = [
+    "pocus_videos/convex/Cov-Atlas-suspectedCovid.mp4",
+    "pocus_videos/convex/Cov_combatting_Image1.mp4",
+    "pocus_videos/convex/Cov_convex_volpecelli_sonographic_v1.mov",
+    "pocus_images/convex/Cov_Oliviera_2020_Fig4A.jpg",
+    "pocus_videos/convex/Pneu-Atlas-pneumonia.gif",
+    "pocus_videos/convex/Pneu_Avi_Video_001.mp4",
+    "pocus_videos/convex/Pneu_liftl_pneu_case3_clip3.mp4",
+    "pocus_videos/convex/pneu-radiopaeda.mp4",
+    "pocus_videos/convex/Reg-Atlas.gif",
+    "pocus_videos/convex/Reg_Avi_Video_001.mp4",
+    "pocus_videos/convex/Reg_pat1Image_132943.mpeg",
+    "pocus_videos/convex/Reg_pat2Image_133824.mpeg",
+]
+
+
+def copy_lus_subset(shared: Path, dest: Path, files: list[str]) -> str:
+    """Copy ``files`` (paths under the shared dataset) to ``dest``; return their checksum list,
+    as a user with another mirror of the data would pin it."""
+    lines = []
+    for rel in files:
+        (dest / rel).parent.mkdir(parents=True, exist_ok=True)
+        shutil.copyfile(shared / rel, dest / rel)
+        lines.append(f"{hashlib.sha256((dest / rel).read_bytes()).hexdigest()}  {rel}")
+    return "\n".join(lines) + "\n"
+
+
+def write_pinned_source(root: Path) -> Path:
+    """A two-file source folder ``root/src`` and its checksum list ``root/sums.sha256``."""
+    src = root / "src"
+    files = {"dataset_metadata.csv": b"Filename\nCov_a\n", "pocus_videos/convex/Cov_a.mp4": b"v"}
+    lines = []
+    for name, data in files.items():
+        (src / name).parent.mkdir(parents=True, exist_ok=True)
+        (src / name).write_bytes(data)
+        lines.append(f"{hashlib.sha256(data).hexdigest()}  {name}\n")
+    (root / "sums.sha256").write_text("".join(lines))
+    return src
 
 
 def require_shared_lus() -> Path:

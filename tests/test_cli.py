@@ -4,7 +4,6 @@ missing source file, a missing checksum list; the traceback only with PIPELINE_V
 
 from __future__ import annotations
 
-import hashlib
 import os
 import subprocess
 import sys
@@ -14,7 +13,7 @@ import pytest
 import yaml
 
 from pipeline.core.cli import UserError, run_main
-from tests.conftest import PROJECT_ROOT
+from tests.conftest import PROJECT_ROOT, write_pinned_source
 
 
 def stage(args: list[str], cwd: Path, **env: str) -> subprocess.CompletedProcess:
@@ -53,14 +52,7 @@ def test_verbose_shows_the_traceback_too(tmp_path):
 
 def fetch_project(root: Path) -> Path:
     """A project whose only source is a folder pinned by a checksum list."""
-    src = root / "src"
-    files = {"dataset_metadata.csv": b"Filename\nCov_a\n", "pocus_videos/convex/Cov_a.mp4": b"v"}
-    lines = []
-    for name, data in files.items():
-        (src / name).parent.mkdir(parents=True, exist_ok=True)
-        (src / name).write_bytes(data)
-        lines.append(f"{hashlib.sha256(data).hexdigest()}  {name}\n")
-    (root / "sums.sha256").write_text("".join(lines))
+    src = write_pinned_source(root)
     from pipeline.core.config import compose
 
     params = {"dataset": {**compose([])["dataset"], "sources": [str(src)],

@@ -5,7 +5,6 @@ in-process, through every ``python -m pipeline.stages.<stage>`` and under ``dvc 
 from __future__ import annotations
 
 import copy
-import hashlib
 import os
 import shutil
 import subprocess
@@ -26,6 +25,7 @@ from pipeline.core.config import (
     select_run,
 )
 from pipeline.core.schema import DATASET_KINDS, LOSS_NAMES, validate
+from tests.conftest import write_pinned_source
 
 ROOT = Path(__file__).resolve().parent.parent
 EXPERIMENTS = sorted(p.stem for p in (ROOT / "conf" / "experiment").glob("*.yaml"))
@@ -242,14 +242,7 @@ def _dvc_project(root: Path) -> Path:
     ``fetch_data``, whose source folder is git-ignored: a ``dvc exp run --temp`` workspace (a
     copy of the commit under .dvc/tmp/exps/) finds it only through the checkout holding it."""
     shutil.copytree(ROOT / "conf", root / "conf")
-    src = root / "src"
-    files = {"dataset_metadata.csv": b"Filename\nCov_a\n", "pocus_videos/convex/Cov_a.mp4": b"v"}
-    lines = []
-    for name, data in files.items():
-        (src / name).parent.mkdir(parents=True, exist_ok=True)
-        (src / name).write_bytes(data)
-        lines.append(f"{hashlib.sha256(data).hexdigest()}  {name}\n")
-    (root / "sums.sha256").write_text("".join(lines))
+    write_pinned_source(root)
     ds_file = root / "conf" / "dataset" / "lus_convex.yaml"
     ds = yaml.safe_load(ds_file.read_text())
     ds.update(sources=["src"], checksums="sums.sha256")

@@ -4,7 +4,6 @@ store those runs land in."""
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import shutil
@@ -16,26 +15,14 @@ from pathlib import Path
 import pytest
 import yaml
 
+from tests.conftest import LUS_SUBSET, copy_lus_subset
+
 ROOT = Path(__file__).resolve().parent.parent
 pytestmark = pytest.mark.slow
 
-# Four files per class from different patients (the metadata gives each its patient id).
-SUBSET = [
-    "pocus_videos/convex/Cov-Atlas-suspectedCovid.mp4",
-    "pocus_videos/convex/Cov_combatting_Image1.mp4",
-    "pocus_videos/convex/Cov_convex_volpecelli_sonographic_v1.mov",
-    "pocus_images/convex/Cov_Oliviera_2020_Fig4A.jpg",
-    "pocus_videos/convex/Pneu-Atlas-pneumonia.gif",
-    "pocus_videos/convex/Pneu_Avi_Video_001.mp4",
-    "pocus_videos/convex/Pneu_liftl_pneu_case3_clip3.mp4",
-    "pocus_videos/convex/pneu-radiopaeda.mp4",
-    "pocus_videos/convex/Reg-Atlas.gif",
-    "pocus_videos/convex/Reg_Avi_Video_001.mp4",
-    "pocus_videos/convex/Reg_pat1Image_132943.mpeg",
-    "pocus_videos/convex/Reg_pat2Image_133824.mpeg",
-    "pocus_videos/linear/Cov-Atlas-pleural.mp4",  # excluded by the probe selection
-    "dataset_metadata.csv",
-]
+SUBSET = [*LUS_SUBSET,
+          "pocus_videos/linear/Cov-Atlas-pleural.mp4",  # excluded by the probe selection
+          "dataset_metadata.csv"]
 
 
 def run(cmd: list[str], cwd: Path, timeout: int = 600) -> str:
@@ -81,13 +68,9 @@ def build_project(base: Path) -> Path:
     shared = require_shared_lus()
     # the data subset, with its own checksum list (as a user with another mirror would have)
     data = base / "lus_subset"
-    lines = []
-    for rel in SUBSET:
-        (data / rel).parent.mkdir(parents=True, exist_ok=True)
-        shutil.copyfile(shared / rel, data / rel)
-        lines.append(f"{hashlib.sha256((data / rel).read_bytes()).hexdigest()}  {rel}")
+    sums = copy_lus_subset(shared, data, SUBSET)
     proj = copy_project(base / "project")
-    (proj / "data" / "subset.sha256").write_text("\n".join(lines) + "\n")
+    (proj / "data" / "subset.sha256").write_text(sums)
     conf = proj / "conf"
     edit_yaml(conf / "dataset" / "lus_convex.yaml", sources=[str(data)],
               checksums="data/subset.sha256", frame_max_side=64, workers=1)

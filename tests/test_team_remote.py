@@ -10,7 +10,6 @@ lung-ultrasound data, 32 px, 1 epoch, 2 folds, one grid cell."""
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import shutil
@@ -22,24 +21,12 @@ from pathlib import Path
 import pytest
 import yaml
 
+from tests.conftest import LUS_SUBSET, copy_lus_subset
+
 ROOT = Path(__file__).resolve().parent.parent
 pytestmark = pytest.mark.slow
 
-SUBSET = [  # four patients per class, as the metadata gives them
-    "pocus_videos/convex/Cov-Atlas-suspectedCovid.mp4",
-    "pocus_videos/convex/Cov_combatting_Image1.mp4",
-    "pocus_videos/convex/Cov_convex_volpecelli_sonographic_v1.mov",
-    "pocus_images/convex/Cov_Oliviera_2020_Fig4A.jpg",
-    "pocus_videos/convex/Pneu-Atlas-pneumonia.gif",
-    "pocus_videos/convex/Pneu_Avi_Video_001.mp4",
-    "pocus_videos/convex/Pneu_liftl_pneu_case3_clip3.mp4",
-    "pocus_videos/convex/pneu-radiopaeda.mp4",
-    "pocus_videos/convex/Reg-Atlas.gif",
-    "pocus_videos/convex/Reg_Avi_Video_001.mp4",
-    "pocus_videos/convex/Reg_pat1Image_132943.mpeg",
-    "pocus_videos/convex/Reg_pat2Image_133824.mpeg",
-    "dataset_metadata.csv",
-]
+SUBSET = [*LUS_SUBSET, "dataset_metadata.csv"]
 UNSEEN_VIDEO = "pocus_videos/convex/Cov_combatting_Image2.mp4"  # not in SUBSET
 CELL = "mini_covidnet-ce"
 LATER_STAGES = ("export", "benchmark", "binary_eval", "report")
@@ -65,16 +52,12 @@ def project_files() -> list[str]:
 def make_origin(base: Path, shared: Path) -> tuple[Path, Path]:
     """The team's bare Git repository holding the shrunk project, and its DVC remote folder."""
     data = base / "lus_subset"
-    lines = []
-    for rel in SUBSET:
-        (data / rel).parent.mkdir(parents=True, exist_ok=True)
-        shutil.copyfile(shared / rel, data / rel)
-        lines.append(f"{hashlib.sha256((data / rel).read_bytes()).hexdigest()}  {rel}")
+    sums = copy_lus_subset(shared, data, SUBSET)
     proj = base / "seed"
     for f in project_files():
         (proj / f).parent.mkdir(parents=True, exist_ok=True)
         shutil.copy2(ROOT / f, proj / f)
-    (proj / "data" / "subset.sha256").write_text("\n".join(lines) + "\n")
+    (proj / "data" / "subset.sha256").write_text(sums)
     stages = yaml.safe_load((proj / "dvc.yaml").read_text())
     for name in LATER_STAGES:
         del stages["stages"][name]

@@ -73,9 +73,14 @@ def train_main(argv: list[str]) -> None:
                    "cpus_per_task": int(args.cpus_per_task) if args.cpus_per_task else None}
     records = run_grid(args.project_dir, backend=args.backend, cells=args.cells,
                        folds=args.folds, overrides=overrides, **options)
+    exit_on_failures(records)
+
+
+def exit_on_failures(records: list[dict], total: int | None = None) -> None:
+    """Exit non-zero naming the trainings in ``records`` that failed (of ``total``)."""
     failed = [r for r in records if not r["ok"]]
     if failed:
-        sys.exit(f"{len(failed)} of {len(records)} trainings failed: "
+        sys.exit(f"{len(failed)} of {total or len(records)} trainings failed: "
                  + ", ".join(str(r["task"]) for r in failed))
 
 
@@ -116,10 +121,7 @@ def run_bundle_main(argv: list[str]) -> None:
                          cpus_per_task=a.cpus_per_task, deadline_s=a.deadline, mps=a.mps,
                          throughput=shlex.split(a.throughput) if a.throughput else None,
                          throughput_s=a.throughput_seconds)
-    failed = [r for r in records if not r["ok"] and not r["cut_off"]]
-    if failed:
-        sys.exit(f"{len(failed)} of {len(records)} trainings failed: "
-                 + ", ".join(str(r["task"]) for r in failed))
+    exit_on_failures([r for r in records if not r["cut_off"]], len(records))
 
 
 def merge_main(argv: list[str]) -> None:
