@@ -7,6 +7,8 @@ import contextlib
 import hashlib
 import os
 import shutil
+import subprocess
+import sys
 from pathlib import Path
 
 import cv2
@@ -86,6 +88,16 @@ def copy_lus_subset(shared: Path, dest: Path, files: list[str]) -> str:
         shutil.copyfile(shared / rel, dest / rel)
         lines.append(f"{hashlib.sha256((dest / rel).read_bytes()).hexdigest()}  {rel}")
     return "\n".join(lines) + "\n"
+
+
+def run(cmd: list[str], cwd: Path, timeout: int = 600) -> str:
+    """Run ``cmd`` in ``cwd`` with the venv's tools first on PATH; its stdout, or a failure
+    showing the tail of its output."""
+    env = {**os.environ, "DVC_NO_ANALYTICS": "1", "MLFLOW_DISABLE_TELEMETRY": "true",
+           "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}"}
+    proc = subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout)
+    assert proc.returncode == 0, f"{' '.join(cmd)} failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-5000:]}"
+    return proc.stdout
 
 
 def write_pinned_source(root: Path) -> Path:

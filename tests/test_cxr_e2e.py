@@ -17,7 +17,8 @@ import numpy as np
 import pytest
 
 from tests.conftest import natural_image
-from tests.test_pipeline_e2e import copy_project, run
+from tests.conftest import run
+from tests.test_pipeline_e2e import copy_project
 
 pytestmark = pytest.mark.slow
 

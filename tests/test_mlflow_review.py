@@ -30,7 +30,8 @@ import pytest
 import yaml
 
 from tests.conftest import make_tiny_project
-from tests.test_pipeline_e2e import build_project, run
+from tests.conftest import run
+from tests.test_pipeline_e2e import build_project
 from tests.test_tracking import closed_port, mlflow_state  # noqa: F401 - autouse fixture
 
 CELLS = ("mini_covidnet-ce", "mini_covidnet-focal")

@@ -5,7 +5,6 @@ store those runs land in."""
 from __future__ import annotations
 
 import json
-import os
 import shutil
 import subprocess
 import sys
@@ -15,7 +14,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from tests.conftest import LUS_SUBSET, copy_lus_subset
+from tests.conftest import LUS_SUBSET, copy_lus_subset, run
 
 ROOT = Path(__file__).resolve().parent.parent
 pytestmark = pytest.mark.slow
@@ -23,14 +22,6 @@ pytestmark = pytest.mark.slow
 SUBSET = [*LUS_SUBSET,
           "pocus_videos/linear/Cov-Atlas-pleural.mp4",  # excluded by the probe selection
           "dataset_metadata.csv"]
-
-
-def run(cmd: list[str], cwd: Path, timeout: int = 600) -> str:
-    env = {**os.environ, "DVC_NO_ANALYTICS": "1", "MLFLOW_DISABLE_TELEMETRY": "true",
-           "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}"}
-    proc = subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout)
-    assert proc.returncode == 0, f"{' '.join(cmd)} failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-5000:]}"
-    return proc.stdout
 
 
 def copy_project(dest: Path) -> Path:

@@ -11,7 +11,6 @@ lung-ultrasound data, 32 px, 1 epoch, 2 folds, one grid cell."""
 from __future__ import annotations
 
 import json
-import os
 import shutil
 import subprocess
 import sys
@@ -21,7 +20,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from tests.conftest import LUS_SUBSET, copy_lus_subset
+from tests.conftest import LUS_SUBSET, copy_lus_subset, run
 
 ROOT = Path(__file__).resolve().parent.parent
 pytestmark = pytest.mark.slow
@@ -30,14 +29,6 @@ SUBSET = [*LUS_SUBSET, "dataset_metadata.csv"]
 UNSEEN_VIDEO = "pocus_videos/convex/Cov_combatting_Image2.mp4"  # not in SUBSET
 CELL = "mini_covidnet-ce"
 LATER_STAGES = ("export", "benchmark", "binary_eval", "report")
-
-
-def run(cmd: list[str], cwd: Path, timeout: int = 600) -> str:
-    env = {**os.environ, "DVC_NO_ANALYTICS": "1", "MLFLOW_DISABLE_TELEMETRY": "true",
-           "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}"}
-    proc = subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout)
-    assert proc.returncode == 0, f"{' '.join(cmd)} failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-5000:]}"
-    return proc.stdout
 
 
 def project_files() -> list[str]:
