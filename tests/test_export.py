@@ -116,6 +116,53 @@ def test_full_int8_tflite_has_int8_io_and_the_runner_dequantizes(exported):
     assert y.dtype == np.float32 and y.shape == (3, 3)
 
 
+def test_onnx_exporter_traces_once_and_writes_each_model_with_its_own_weights(tmp_path):
+    """The folds of a run share one trace: each file carries its own model's weights and is
+    optimized as torch.onnx.export leaves a file; another architecture is refused by name."""
+    import onnx
+
+    first, second = tiny_model(0), tiny_model(1)
+    exporter = formats.OnnxExporter(SIZE, EXPORT["opset"])
+    x = images(5, 7)
+    outputs = {}
+    for name, model in (("first", first), ("second", second)):
+        path = exporter.save(model, tmp_path / f"{name}.onnx")
+        outputs[name] = edge_runner.OnnxModel(path)(x.numpy())
+        np.testing.assert_allclose(outputs[name], model(x).detach().numpy(), atol=1e-5)
+    assert np.abs(outputs["first"] - outputs["second"]).max() > 1e-2  # not the first's weights
+
+    with torch.no_grad():
+        torch.onnx.export(second, (x,), str(tmp_path / "direct.onnx"), dynamo=True,
+                          opset_version=EXPORT["opset"], verbose=False,
+                          dynamic_shapes=({0: torch.export.Dim("batch", min=1, max=4096)},))
+    ops = [[n.op_type for n in onnx.load(tmp_path / f"{name}.onnx").graph.node]
+           for name in ("second", "direct")]
+    assert ops[0] == ops[1] and "BatchNormalization" not in ops[0]  # folded into the convs
+
+    with pytest.raises(ValueError, match=r"weight 'head.6.weight' is .* \[3, 12\] in the traced "
+                                         r"graph but .* \[5, 12\] in this model"):
+        exporter.save(TinyNet(classes=5).eval(), tmp_path / "other.onnx")
+
+
+def test_onnx_exporter_falls_back_to_torchscript_when_dynamo_cannot_trace(tmp_path, monkeypatch,
+                                                                        caplog):
+    export_onnx = torch.onnx.export
+
+    def no_dynamo(*args, dynamo=True, **kwargs):
+        if dynamo:
+            raise RuntimeError("cannot trace this model")
+        return export_onnx(*args, dynamo=False, **kwargs)
+
+    monkeypatch.setattr(torch.onnx, "export", no_dynamo)
+    exporter, x = formats.OnnxExporter(SIZE, EXPORT["opset"]), images(3, 8)
+    for seed in (0, 1):
+        model = tiny_model(seed)
+        path = exporter.save(model, tmp_path / f"model_{seed}.onnx")
+        np.testing.assert_allclose(edge_runner.OnnxModel(path)(x.numpy()),
+                                   model(x).detach().numpy(), atol=1e-5)
+    assert caplog.text.count("dynamo ONNX export failed (RuntimeError: cannot trace") == 1
+
+
 def test_accuracy_change_on_labelled_images(exported):
     model, out, _ = exported
     x = images(10, 5)
@@ -207,9 +254,9 @@ def test_main_exports_every_fold_and_writes_parity_json(tmp_path, monkeypatch):
         assert {"format", "file", "max_abs_diff", "top1_agreement", "n_frames", "size_bytes",
                 "tolerance", "passed"} <= set(r)
     assert (out_dir / "fold_1" / "model_fp32.tflite").is_file()
-    # Parity frames per fold (no int8_full: no calibration), then again for the models logged to
-    # MLflow (every fold here: each has every format).
-    assert frames == [(0, "test", SIZE, 4), (1, "test", SIZE, 4)] * 2
+    # Parity frames per fold for the ONNX job, per fold for each fold's TFLite job (no int8_full:
+    # no calibration), then again for the models logged to MLflow (every fold has every format).
+    assert frames == [(0, "test", SIZE, 4), (1, "test", SIZE, 4)] * 3
 
     # export.all_formats_folds: the other folds get ONNX only
     params["export"]["all_formats_folds"] = [1]

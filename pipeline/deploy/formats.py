@@ -72,42 +72,102 @@ def within_tolerance(result: Mapping, tolerance: float | None, min_top1: float) 
 
 
 # ---------------------------------------------------------------------------------- ONNX
+class OnnxExporter:
+    """ONNX files of one architecture, traced once.
+
+    The first :meth:`save` traces its model with the dynamo exporter into an unoptimized graph
+    whose initializers keep their module paths. Every later :meth:`save` (another fold, other
+    weights of the same architecture) puts its model's parameters and buffers into a copy of
+    that graph and runs the exporter's own last step, the ONNX optimizer (constant folding,
+    fusions): a fraction of a second where tracing takes many. When dynamo cannot trace the
+    model, each :meth:`save` runs the TorchScript exporter on its model instead.
+    """
+
+    def __init__(self, image_size: int, opset: int | None = None):
+        self.image_size, self.opset = int(image_size), opset
+        self._graph: bytes | None = None
+        self._dynamo = True
+
+    def save(self, model: nn.Module, path: str | Path) -> Path:
+        """Write ``model`` as a self-contained ONNX file with a dynamic batch axis, then run it
+        with ONNX Runtime at batch 1 and batch 3 (a wrong batch axis fails here, not on the
+        device).
+
+        Raises:
+            ValueError: a weight of the traced graph has no tensor of the same shape and dtype
+                in ``model`` under its name: it is not the architecture traced first.
+        """
+        path = Path(path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        model = model.eval()
+        if self._dynamo and self._graph is None:
+            self._trace(model)
+        if self._graph is None:
+            with torch.no_grad():
+                torch.onnx.export(model, (self._sample(),), str(path), dynamo=False,
+                                  input_names=[INPUT_NAME], output_names=[OUTPUT_NAME],
+                                  dynamic_axes={INPUT_NAME: {0: "batch"}, OUTPUT_NAME: {0: "batch"}},
+                                  opset_version=self.opset, verbose=False)
+        else:
+            self._write_with_weights(model, path)
+        session = edge_runner.OnnxModel(path)
+        for n in (1, 3):
+            out = session(np.zeros((n, 3, self.image_size, self.image_size), np.float32))
+            if out.shape[0] != n:
+                raise RuntimeError(f"{path}: batch {n} gave output shape {out.shape}: the batch "
+                                   f"axis is not dynamic")
+        return path
+
+    def _sample(self) -> torch.Tensor:
+        return torch.rand(2, 3, self.image_size, self.image_size)
+
+    def _trace(self, model: nn.Module) -> None:
+        """The unoptimized dynamo graph of ``model``, kept serialized; on failure, note that
+        this architecture goes through the TorchScript exporter."""
+        batch = torch.export.Dim("batch", min=1, max=4096)
+        try:
+            with torch.no_grad():
+                program = torch.onnx.export(model, (self._sample(),), dynamo=True, optimize=False,
+                                            dynamic_shapes=({0: batch},),
+                                            input_names=[INPUT_NAME], output_names=[OUTPUT_NAME],
+                                            opset_version=self.opset, verbose=False)
+            self._graph = program.model_proto.SerializeToString()
+        except Exception as exc:  # noqa: BLE001 - any dynamo failure: the legacy exporter may cope
+            self._dynamo = False
+            log.warning("dynamo ONNX export failed (%s: %s); using the TorchScript exporter",
+                        type(exc).__name__, str(exc).splitlines()[0] if str(exc) else "")
+
+    def _write_with_weights(self, model: nn.Module, path: Path) -> None:
+        """The traced graph with ``model``'s tensors as its weights, optimized, saved to ``path``.
+        Initializers that name no tensor of the model (constants of the architecture) stay."""
+        import onnx
+        import onnx_ir as ir
+
+        graph = ir.from_proto(onnx.load_from_string(self._graph))
+        tensors = {**dict(model.named_parameters()), **dict(model.named_buffers())}
+        for name, init in graph.graph.initializers.items():
+            if name not in tensors:
+                continue
+            value = ir.tensor(tensors[name].detach().cpu().numpy(), name=name)
+            if value.shape != init.const_value.shape or value.dtype != init.const_value.dtype:
+                raise ValueError(
+                    f"{path}: weight '{name}' is {init.const_value.dtype} "
+                    f"{list(init.const_value.shape)} in the traced graph but {value.dtype} "
+                    f"{list(value.shape)} in this model; export it with its own OnnxExporter")
+            init.const_value = value
+        program = torch.onnx.ONNXProgram(graph, None)
+        program.optimize()  # the step torch.onnx.export(optimize=True) ends with
+        program.save(path, external_data=False)
+
+
 def export_onnx(model: nn.Module, path: str | Path, image_size: int,
                 opset: int | None = None) -> Path:
-    """Export to a self-contained ONNX file with a dynamic batch axis.
-
-    The dynamo exporter is tried first, the TorchScript one if it fails; either way the file is
-    then run by ONNX Runtime at batch 1 and batch 3 (a wrong batch axis fails here, not on the
-    device).
+    """One model to an ONNX file with a dynamic batch axis (:class:`OnnxExporter`).
 
     Returns:
         The path written.
     """
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    model = model.eval()
-    sample = torch.rand(2, 3, image_size, image_size)
-    common = dict(input_names=[INPUT_NAME], output_names=[OUTPUT_NAME], opset_version=opset,
-                  external_data=False, verbose=False)
-    try:
-        batch = torch.export.Dim("batch", min=1, max=4096)
-        with torch.no_grad():
-            torch.onnx.export(model, (sample,), str(path), dynamo=True,
-                              dynamic_shapes=({0: batch},), **common)
-    except Exception as exc:  # noqa: BLE001 - any dynamo failure: the legacy exporter may cope
-        log.warning("dynamo ONNX export failed (%s: %s); retrying with the TorchScript exporter",
-                    type(exc).__name__, str(exc).splitlines()[0] if str(exc) else "")
-        with torch.no_grad():
-            torch.onnx.export(model, (sample,), str(path), dynamo=False,
-                              dynamic_axes={INPUT_NAME: {0: "batch"}, OUTPUT_NAME: {0: "batch"}},
-                              **common)
-    session = edge_runner.OnnxModel(path)
-    for n in (1, 3):
-        out = session(np.zeros((n, 3, image_size, image_size), np.float32))
-        if out.shape[0] != n:
-            raise RuntimeError(f"{path}: batch {n} gave output shape {out.shape}: the batch axis "
-                               f"is not dynamic")
-    return path
+    return OnnxExporter(image_size, opset).save(model, path)
 
 
 # -------------------------------------------------------------------------------- TFLite
@@ -265,7 +325,8 @@ def export_model(model: nn.Module, out_dir: str | Path, image_size: int, images,
                  tolerance: Mapping[str, float] | None = None,
                  min_top1_agreement: Mapping[str, float] | None = None,
                  opset: int | None = None, strict: bool = True,
-                 extra: Mapping | None = None) -> list[dict]:
+                 extra: Mapping | None = None,
+                 onnx_exporter: OnnxExporter | None = None) -> list[dict]:
     """Export one model to every format in ``out_dir`` and check each file against PyTorch.
 
     Args:
@@ -278,6 +339,8 @@ def export_model(model: nn.Module, out_dir: str | Path, image_size: int, images,
         strict: raise ``ParityError`` (after all formats are written and checked) if any file
             fails; otherwise only mark it ``passed: false``.
         extra: fields copied into every record (e.g. the fold).
+        onnx_exporter: an :class:`OnnxExporter` of this architecture and size, to reuse its
+            trace (default: a new one).
 
     Returns:
         One record per file: format, file, size_bytes, max_abs_diff, top1_agreement, n_frames,
@@ -298,7 +361,7 @@ def export_model(model: nn.Module, out_dir: str | Path, image_size: int, images,
         path = out_dir / FILE_NAMES[fmt]
         start = time.perf_counter()
         if fmt == "onnx":
-            export_onnx(model, path, image_size, opset=opset)
+            (onnx_exporter or OnnxExporter(image_size, opset)).save(model, path)
         else:
             if fp32_tflite is None:
                 fp32_tflite = convert_tflite_fp32(model, image_size)

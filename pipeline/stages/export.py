@@ -1,6 +1,7 @@
 """Stage ``export``: each fold's model of a run to ONNX and TFLite (:mod:`pipeline.deploy.formats`),
 every file checked against PyTorch on real frames of its fold; ``parity.json`` records every file
-(also the failing ones), then the stage fails naming each file over its tolerance.
+(also the failing ones), then the stage fails naming each file over its tolerance. The work runs
+as jobs (:func:`export_jobs`) in ``export.workers`` processes; a run's ONNX files share one trace.
 
     python -m pipeline.stages.export --run-dir models/mini_covidnet-ce
 """
@@ -71,26 +72,47 @@ def _frames(fold: int, split: str, image_size: int, limit: int | None):
     return images.float().div(255).numpy(), np.asarray(labels)
 
 
-def export_fold(fold: int, ckpt_path: Path, cfg: Mapping, out_root: Path) -> list[dict]:
-    """Export one fold's model in its formats (:func:`fold_formats`) and check each file."""
+def export_jobs(folds: Sequence[int], cfg: Mapping) -> list[tuple[list[int], list[str]]]:
+    """The stage's work as independent ``(folds, formats)`` jobs: ONNX for every fold in one job
+    (one trace of the architecture, :class:`~pipeline.deploy.formats.OnnxExporter`), and the
+    TFLite formats of each fold that :func:`fold_formats` gives them to, a job per fold."""
+    jobs = [(list(folds), ["onnx"])] if "onnx" in cfg["formats"] else []
+    for fold in folds:
+        tflite = [f for f in fold_formats(cfg, fold) if f != "onnx"]
+        if tflite:
+            jobs.append(([fold], tflite))
+    return jobs
+
+
+def export_job(folds: Sequence[int], formats: Sequence[str], checkpoints: Mapping[int, Path],
+               cfg: Mapping, out_root: Path) -> list[dict]:
+    """Export the models of ``folds`` in ``formats``, each file checked against PyTorch on
+    real frames of its fold; the ONNX files of all folds share one trace."""
+    from pipeline.deploy.formats import OnnxExporter
     from pipeline.models.checkpoint import load_model
 
-    formats = fold_formats(cfg, fold)
-    model, ckpt = load_model(ckpt_path)
-    size = int(ckpt["image_size"])
-    log.info("fold %d: %s (%s, %d px) -> %s", fold, ckpt_path, type(model).__name__, size,
-             out_root / f"fold_{fold}")
-    images, labels = _frames(fold, cfg["parity_split"], size, cfg["parity_frames"])
-    calibration = None
-    if "tflite_int8_full" in formats:
-        calibration, _ = _frames(fold, cfg["calibration_split"], size, cfg["calibration_frames"])
-    return export_model(model, out_root / f"fold_{fold}", size, images, labels, calibration,
-                        formats, cfg["tolerance"], cfg["min_top1_agreement"], cfg["opset"],
-                        strict=False, extra={"fold": fold})
+    records, onnx_exporter = [], None
+    for fold in folds:
+        model, ckpt = load_model(checkpoints[fold])
+        size = int(ckpt["image_size"])
+        log.info("fold %d: %s (%s, %d px) -> %s %s", fold, checkpoints[fold],
+                 type(model).__name__, size, out_root / f"fold_{fold}", ", ".join(formats))
+        if "onnx" in formats and onnx_exporter is None:
+            onnx_exporter = OnnxExporter(size, cfg["opset"])
+        images, labels = _frames(fold, cfg["parity_split"], size, cfg["parity_frames"])
+        calibration = None
+        if "tflite_int8_full" in formats:
+            calibration, _ = _frames(fold, cfg["calibration_split"], size,
+                                     cfg["calibration_frames"])
+        records += export_model(model, out_root / f"fold_{fold}", size, images, labels,
+                                calibration, formats, cfg["tolerance"], cfg["min_top1_agreement"],
+                                cfg["opset"], strict=False, extra={"fold": fold},
+                                onnx_exporter=onnx_exporter)
+    return records
 
 
 def _worker_setup() -> None:
-    """A worker process of :func:`export_folds`: the stage's logging, one thread each."""
+    """A worker process of :func:`export_run`: the stage's logging, one thread each."""
     import torch
 
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
@@ -98,21 +120,26 @@ def _worker_setup() -> None:
     torch.set_num_threads(1)
 
 
-def export_folds(checkpoints: Mapping[int, Path], cfg: Mapping, out_root: Path) -> list[list[dict]]:
-    """:func:`export_fold` for every fold, in ``export.workers`` processes (1: in this one);
-    the records come back in fold order."""
-    workers = min(int(cfg["workers"]), len(checkpoints))
+def export_run(checkpoints: Mapping[int, Path], cfg: Mapping, out_root: Path) -> list[dict]:
+    """Every job of :func:`export_jobs`, in ``export.workers`` processes (1: in this one);
+    the records come back ordered by fold, then format as in ``export.formats``."""
+    jobs = export_jobs(list(checkpoints), cfg)
+    workers = min(int(cfg["workers"]), len(jobs))
     if workers <= 1:
-        return [export_fold(fold, path, cfg, out_root) for fold, path in checkpoints.items()]
-    import multiprocessing
-    from concurrent.futures import ProcessPoolExecutor
+        records = [r for folds, formats in jobs
+                   for r in export_job(folds, formats, checkpoints, cfg, out_root)]
+    else:
+        import multiprocessing
+        from concurrent.futures import ProcessPoolExecutor
 
-    # Spawned, not forked: the converters hold threads and state a fork would copy half-made.
-    with ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn"),
-                             initializer=_worker_setup) as pool:
-        futures = [pool.submit(export_fold, fold, path, dict(cfg), out_root)
-                   for fold, path in checkpoints.items()]
-        return [f.result() for f in futures]
+        # Spawned, not forked: the converters hold threads and state a fork would copy half-made.
+        with ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn"),
+                                 initializer=_worker_setup) as pool:
+            futures = [pool.submit(export_job, folds, formats, dict(checkpoints), dict(cfg),
+                                   out_root) for folds, formats in jobs]
+            records = [r for f in futures for r in f.result()]
+    order = list(cfg["formats"])
+    return sorted(records, key=lambda r: (r["fold"], order.index(r["format"])))
 
 
 def _logged_model(ckpt_path: Path, cfg: Mapping) -> tuple:
@@ -152,7 +179,7 @@ def main(argv: Sequence[str] | None = None) -> None:
         checkpoints = {k: checkpoints[k] for k in args.folds}
     # Beside, not inside, the train stage's output: DVC outputs must not overlap.
     out_root = Path(args.out_dir) if args.out_dir else Path("exports") / run_dir.name
-    records = [r for rs in export_folds(checkpoints, cfg, out_root) for r in rs]
+    records = export_run(checkpoints, cfg, out_root)
     # Folds exported in every format: their models go to MLflow.
     logged = {fold: _logged_model(path, cfg) for fold, path in checkpoints.items()
               if set(fold_formats(cfg, fold)) == set(cfg["formats"])}
