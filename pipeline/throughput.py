@@ -140,7 +140,6 @@ def to_markdown(result: Mapping) -> str:
 
 
 def main(argv: Sequence[str] | None = None) -> None:
-    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--models", nargs="+", default=None)
     ap.add_argument("--batch-sizes", nargs="+", type=int, default=[16, 128])

@@ -50,10 +50,16 @@ def timed_repro(cwd: Path, env: dict) -> tuple[dict[str, float], float]:
 
 
 def host() -> dict:
-    cpu = next((line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
-                if line.startswith("model name")), platform.processor())
-    return {"cpu": cpu, "cores": os.cpu_count(), "python": platform.python_version(),
-            "platform": platform.platform()}
+    """The machine: CPU model, cores, and the vector extensions that PyTorch's CPU kernels choose
+    among (kernels differ by them, and so may the last bits of what a run computes)."""
+    info = Path("/proc/cpuinfo").read_text().splitlines()
+    cpu = next((line.split(":", 1)[1].strip() for line in info if line.startswith("model name")),
+               platform.processor())
+    flags = set(next((line.split(":", 1)[1].split() for line in info if line.startswith("flags")),
+                     []))
+    return {"cpu": cpu, "cores": os.cpu_count(),
+            "vector_isa": [f for f in ("avx2", "avx512f", "avx512_bf16", "amx_tile") if f in flags],
+            "python": platform.python_version(), "platform": platform.platform()}
 
 
 def main() -> None:
@@ -80,7 +86,8 @@ def main() -> None:
     rows = "\n".join(f"| {name} | {secs:.1f} |" for name, secs in stages.items())
     out.with_suffix(".md").write_text(
         f"# `dvc repro` on a fresh clone, per stage\n\nrevision `{rev[:12]}`; {record['host']['cpu']}, "
-        f"{record['host']['cores']} cores; Python {record['host']['python']}\n\n"
+        f"{record['host']['cores']} cores ({', '.join(record['host']['vector_isa'])}); "
+        f"Python {record['host']['python']}\n\n"
         f"| stage | seconds |\n|---|---|\n{rows}\n| **all stages** | **{record['stage_s']:.1f}** |\n\n"
         f"Whole command: {total:.1f} s; a second `dvc repro` with nothing changed: {noop:.1f} s.\n")
     print(json.dumps({k: record[k] for k in ("total_s", "stage_s", "noop_s")}))

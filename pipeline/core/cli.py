@@ -1,7 +1,7 @@
 """How every command of the project ends on a problem the user can fix.
 
-``run_main(main)`` is the ``if __name__ == "__main__":`` body of each stage module: it runs
-``main`` and turns a :class:`UserError` (config, dataset, extraction, checksum, tracking, ...)
+``run_main(main)`` is the ``if __name__ == "__main__":`` body of each stage module: it sets up
+the log (:func:`setup_logging`), runs ``main`` and turns a :class:`UserError` (config, dataset, extraction, checksum, tracking, ...)
 into one line ``error: <message>`` on stderr and exit status 2, with no traceback. The traceback
 is shown too with ``PIPELINE_VERBOSE=1`` or ``--verbose``. Anything else (a bug) keeps Python's
 traceback. A ``main`` that returns an int keeps it as the exit status.
@@ -11,6 +11,7 @@ This module imports nothing from the project, so any module can import it withou
 
 from __future__ import annotations
 
+import logging
 import os
 import sys
 import traceback
@@ -19,6 +20,7 @@ from typing import Any, NoReturn
 
 EXIT_USER_ERROR = 2
 VERBOSE_ENV = "PIPELINE_VERBOSE"
+LOG_FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
 
 
 class UserError(Exception):
@@ -48,11 +50,19 @@ def error_line(exc: BaseException) -> str:
     return f"error: {line}"
 
 
+def setup_logging() -> None:
+    """The log of every command: the project's INFO lines with their time, and only warnings
+    from the libraries (converters and trackers log each of their steps at INFO)."""
+    logging.basicConfig(level=logging.WARNING, format=LOG_FORMAT)
+    logging.getLogger("pipeline").setLevel(logging.INFO)
+
+
 def run_main(main: Callable[..., Any], argv: Sequence[str] | None = None) -> NoReturn:
     """Run ``main(argv)`` (default ``sys.argv[1:]``, ``--verbose`` removed) and exit.
 
     Exit status: what ``main`` returned if an int, else 0; 2 on a :class:`UserError`.
     """
+    setup_logging()
     args = list(sys.argv[1:] if argv is None else argv)
     verbose = verbose_requested(args)
     args = [a for a in args if a != "--verbose"]

@@ -320,6 +320,23 @@ def check_parity(records: Sequence[Mapping]) -> None:
 
 
 # ------------------------------------------------------------------------------ one model
+def _record(fmt: str, path: Path, result: dict, gate: float | None, min_agreement: float,
+            seconds: float, extra: Mapping) -> dict:
+    """One file's parity record (``result``: :func:`compare_outputs`), logged as a line."""
+    passed = within_tolerance(result, gate, min_agreement)
+    record = {**extra, "format": fmt, "file": str(path), "size_bytes": path.stat().st_size,
+              "n_frames": result.pop("n"), **result,
+              "tolerance": None if gate is None else float(gate),
+              "min_top1_agreement": min_agreement, "export_seconds": round(seconds, 2),
+              "passed": bool(passed)}
+    log.info("%s %s: %.1f KiB, max |diff| %.3g (tol %s), top-1 agreement %.3f%s [%.1f s]",
+             "ok  " if passed else "FAIL", path, record["size_bytes"] / 1024,
+             record["max_abs_diff"], _fmt(record["tolerance"]), record["top1_agreement"],
+             f", accuracy change {record['accuracy_change']:+.3f}"
+             if "accuracy_change" in record else "", seconds)
+    return record
+
+
 def export_model(model: nn.Module, out_dir: str | Path, image_size: int, images,
                  labels=None, calibration=None, formats: Sequence[str] = FORMATS,
                  tolerance: Mapping[str, float] | None = None,
@@ -355,13 +372,14 @@ def export_model(model: nn.Module, out_dir: str | Path, image_size: int, images,
     out_dir.mkdir(parents=True, exist_ok=True)
     x = np.asarray(images, dtype=np.float32)
     reference = torch_logits(model, x)
-    fp32_tflite = None
+    onnx_exporter = onnx_exporter or OnnxExporter(image_size, opset)
+    fp32_tflite = None  # converted once, for the first TFLite format
     records = []
     for fmt in formats:
         path = out_dir / FILE_NAMES[fmt]
         start = time.perf_counter()
         if fmt == "onnx":
-            (onnx_exporter or OnnxExporter(image_size, opset)).save(model, path)
+            onnx_exporter.save(model, path)
         else:
             if fp32_tflite is None:
                 fp32_tflite = convert_tflite_fp32(model, image_size)
@@ -369,19 +387,8 @@ def export_model(model: nn.Module, out_dir: str | Path, image_size: int, images,
                           calibration=calibration, fp32_model=fp32_tflite)
         seconds = time.perf_counter() - start
         result = runtime_parity(model, path, x, labels, reference=reference)
-        gate, min_agreement = tolerance.get(fmt), float(min_top1.get(fmt, 0.0))
-        passed = within_tolerance(result, gate, min_agreement)
-        record = {**(extra or {}), "format": fmt, "file": str(path),
-                  "size_bytes": path.stat().st_size, "n_frames": result.pop("n"), **result,
-                  "tolerance": None if gate is None else float(gate),
-                  "min_top1_agreement": min_agreement,
-                  "export_seconds": round(seconds, 2), "passed": bool(passed)}
-        records.append(record)
-        log.info("%s %s: %.1f KiB, max |diff| %.3g (tol %s), top-1 agreement %.3f%s [%.1f s]",
-                 "ok  " if passed else "FAIL", path, record["size_bytes"] / 1024,
-                 record["max_abs_diff"], _fmt(record["tolerance"]), record["top1_agreement"],
-                 f", accuracy change {record['accuracy_change']:+.3f}"
-                 if "accuracy_change" in record else "", seconds)
+        records.append(_record(fmt, path, result, tolerance.get(fmt),
+                               float(min_top1.get(fmt, 0.0)), seconds, extra or {}))
     if strict:
         check_parity(records)
     return records

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import logging
 import shlex
 import sys
 from collections.abc import Sequence
@@ -171,8 +170,6 @@ def latency_main(argv: list[str]) -> None:
 
 def main(argv: Sequence[str] | None = None) -> None:
     """Dispatch to the command named first, else train the grid."""
-    logging.basicConfig(level=logging.INFO,
-                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     argv = list(sys.argv[1:] if argv is None else argv)
     command, rest = (argv[0], argv[1:]) if argv[:1] and argv[0] in COMMANDS else ("", argv)
     if command in ("report-paper", "report-experiment"):

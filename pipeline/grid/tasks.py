@@ -43,7 +43,7 @@ OFFLINE_BLOCKED = ("mlflow", "dvc")
 # run.json, which the driver writes once all folds are in. argv: model loss fold out_root
 # blocked(comma-separated top-level packages) overrides...
 FOLD_SCRIPT = """\
-import importlib.abc, logging, sys
+import importlib.abc, sys
 from pathlib import Path
 model, loss, fold, out_root, blocked = sys.argv[1:6]
 class Blocked(importlib.abc.MetaPathFinder):
@@ -52,9 +52,10 @@ class Blocked(importlib.abc.MetaPathFinder):
             raise ModuleNotFoundError(f"{name} is not used in an offline grid run", name=name)
 if blocked:
     sys.meta_path.insert(0, Blocked())
+from pipeline.core.cli import setup_logging
 from pipeline.core.config import apply_overrides, load_params
 from pipeline.stages.train import run
-logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+setup_logging()
 run(apply_overrides(load_params(), sys.argv[6:]), model, loss, [int(fold)], out_root=Path(out_root))
 """
 

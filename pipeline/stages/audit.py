@@ -196,7 +196,6 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m pipeline.stages.audit", description=__doc__.split("\n")[0])
     parser.add_argument("--params", default="params.yaml")
     args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     params = load_params(args.params)
     ds, fcfg = get(params, "dataset"), get(params, "folds")
     link = get(fcfg, "link_duplicates")

@@ -294,8 +294,6 @@ def benchmark_run(model: nn.Module, image_size: int, export_dir: str | Path, cfg
 
 
 def main(argv: Sequence[str] | None = None) -> None:
-    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
-    logging.getLogger("pipeline").setLevel(logging.INFO)
     parser = argparse.ArgumentParser(description="Time a run's model in PyTorch, ONNX Runtime "
                                                  "and LiteRT (locally and over SSH).")
     parser.add_argument("--run-dir", required=True, help="models/<model>-<loss>")

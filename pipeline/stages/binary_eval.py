@@ -533,7 +533,6 @@ def _tsne_cell(cell_dir: Path, preds: pd.DataFrame, frames_dir: Path, cfg: Mappi
 
 
 def main(argv: Sequence[str] | None = None) -> None:
-    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     params = load_params()
     ds = get(params, "dataset")
     classes = list(ds["classes"])

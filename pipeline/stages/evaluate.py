@@ -72,7 +72,6 @@ def plot_tables(preds: pd.DataFrame, classes: Sequence[str]) -> tuple[pd.DataFra
 
 
 def main(argv: Sequence[str] | None = None) -> None:
-    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     params = load_params()
     classes = list(get(params, "dataset.classes"))
     ecfg, seed = get(params, "evaluate"), int(get(params, "seed"))

@@ -115,8 +115,6 @@ def _worker_setup() -> None:
     """A worker process of :func:`export_run`: the stage's logging, one thread each."""
     import torch
 
-    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
-    logging.getLogger("pipeline").setLevel(logging.INFO)
     torch.set_num_threads(1)
 
 
@@ -153,9 +151,6 @@ def _logged_model(ckpt_path: Path, cfg: Mapping) -> tuple:
 
 
 def main(argv: Sequence[str] | None = None) -> None:
-    # Converters log every lowering step on the root logger: keep theirs to warnings.
-    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
-    logging.getLogger("pipeline").setLevel(logging.INFO)
     parser = argparse.ArgumentParser(description="Export a run's fold models to ONNX/TFLite and "
                                                  "check each file against PyTorch.")
     parser.add_argument("--run-dir", required=True, help="models/<model>-<loss>")

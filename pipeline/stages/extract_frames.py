@@ -22,7 +22,6 @@ log = logging.getLogger("pipeline.stages.extract_frames")
 
 
 def main(argv: Sequence[str] | None = None) -> None:
-    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     ds = get(load_params(), "dataset")
     raw_dir = Path(ds["raw_dir"])
     Path(ds["frames_summary"]).unlink(missing_ok=True)  # no stale summary beside a failed run

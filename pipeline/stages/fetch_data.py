@@ -134,7 +134,6 @@ def main(argv: Sequence[str] | None = None) -> None:
             sys.exit("usage: python -m pipeline.stages.fetch_data --write-checksums FOLDER > FILE.sha256")
         sys.stdout.write(write_checksums(Path(argv[1])))
         return
-    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     params = load_params()
     ds = get(params, "dataset")
     listed = ds.get("checksums")

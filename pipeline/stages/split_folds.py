@@ -284,7 +284,6 @@ def write_outputs(out: Path, splits: pd.DataFrame, classes: Sequence[str], summa
 
 
 def main(argv: Sequence[str] | None = None) -> None:
-    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     params = load_params()
     cfg, ds = get(params, "folds"), get(params, "dataset")
     manifest = pd.read_csv(Path(ds["frames_dir"]) / "manifest.csv", dtype={"patient": str})

@@ -218,7 +218,6 @@ def main(argv: list[str] | None = None) -> int:
     import argparse
     import json
 
-    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     ap = argparse.ArgumentParser(description="CUDA-graph training step: parity check")
     ap.add_argument("--check", action="store_true", required=True)
     ap.parse_args(argv)
