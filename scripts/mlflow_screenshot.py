@@ -20,11 +20,11 @@ import socket
 import subprocess
 import sys
 import tempfile
-import time
-import urllib.request
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Iterator
+
+from pipeline.core.tracking import TrackingError, wait_for_server
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -33,21 +33,6 @@ def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
-
-
-def wait_healthy(url: str, proc: subprocess.Popen | None, timeout_s: float = 120) -> None:
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        try:
-            with urllib.request.urlopen(f"{url}/health", timeout=2) as r:
-                if r.status == 200:
-                    return
-        except OSError:
-            pass
-        if proc is not None and proc.poll() is not None:
-            sys.exit(f"error: mlflow ui exited with {proc.returncode}")
-        time.sleep(1)
-    sys.exit(f"error: no MLflow UI answering at {url} within {timeout_s:.0f} s")
 
 
 @contextmanager
@@ -65,7 +50,10 @@ def ui_for(uri: str) -> Iterator[str]:
                             env={**os.environ, "MLFLOW_DISABLE_TELEMETRY": "true"})
     try:
         url = f"http://127.0.0.1:{port}"
-        wait_healthy(url, proc)
+        try:
+            wait_for_server(url, proc)
+        except TrackingError as exc:
+            sys.exit(f"error: {exc}")
         yield url
     finally:
         os.killpg(proc.pid, signal.SIGTERM)

@@ -7,8 +7,10 @@ import contextlib
 import hashlib
 import os
 import shutil
+import socket
 import subprocess
 import sys
+from collections.abc import Iterator
 from pathlib import Path
 
 import cv2
@@ -179,3 +181,113 @@ def make_tiny_project(root: Path, *, epochs: int = 3, folds: tuple[int, ...] = (
     with contextlib.chdir(root):  # the real leakage audit, which training requires
         assert audit_main([]) == 0
     return params
+
+
+# --- running the project's commands -------------------------------------------------------------
+
+def project_env() -> dict[str, str]:
+    """The environment of a project command in a test: one thread (the same reduction order in
+    every run, and no fight over the 2 shared cores), the checkout importable, no telemetry."""
+    return {**os.environ, "PYTHONPATH": str(PROJECT_ROOT), "OMP_NUM_THREADS": "1",
+            "MKL_NUM_THREADS": "1", "DVC_NO_ANALYTICS": "1", "MLFLOW_DISABLE_TELEMETRY": "true"}
+
+
+TRAIN_CMD = [sys.executable, "-m", "pipeline.stages.train", "model=mini_covidnet", "loss=ce", "fold=0"]
+
+
+def train_in_process(cwd: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """``TRAIN_CMD`` in this process (no seconds of imports); paths are relative to ``cwd``."""
+    from pipeline.core.config import load_params
+    from pipeline.stages.train import run as train
+
+    with monkeypatch.context() as m:
+        m.chdir(cwd)
+        train(load_params(), "mini_covidnet", "ce", [0])
+
+
+@pytest.fixture
+def one_thread():
+    """The thread count of the subprocesses (``OMP_NUM_THREADS=1``): CPU kernels may sum in
+    another order with another count, and the comparisons are bit for bit."""
+    import torch
+
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+@pytest.fixture
+def mlflow_state() -> Iterator[None]:
+    """Leave MLflow's process-wide state (active runs, tracking URI and the
+    ``MLFLOW_TRACKING_URI`` it exports) as it was found."""
+    import mlflow
+
+    yield
+    while mlflow.active_run():
+        mlflow.end_run()
+    mlflow.set_tracking_uri(None)
+
+
+def closed_port() -> int:
+    """A TCP port of 127.0.0.1 that nothing listens on (free when returned)."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+# --- a copy of the project on the real-data subset ------------------------------------------------
+
+E2E_SUBSET = [*LUS_SUBSET,
+              "pocus_videos/linear/Cov-Atlas-pleural.mp4",  # excluded by the probe selection
+              "dataset_metadata.csv"]
+
+
+def copy_project(dest: Path) -> Path:
+    """The project's tracked files, as a fresh clone would have them."""
+    files = subprocess.run(["git", "ls-files"], cwd=PROJECT_ROOT, capture_output=True, text=True,
+                           check=True).stdout.split()
+    for f in files:
+        if (PROJECT_ROOT / f).is_file():
+            (dest / f).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy2(PROJECT_ROOT / f, dest / f)
+    return dest
+
+
+def edit_yaml(path: Path, **changes) -> None:
+    """Set keys of a YAML file; ``a__b=1`` sets ``a.b``."""
+    data = yaml.safe_load(path.read_text())
+    for dotted, value in changes.items():
+        node = data
+        *parents, last = dotted.split("__")
+        for p in parents:
+            node = node[p]
+        node[last] = value
+    path.write_text(yaml.safe_dump(data, sort_keys=False))
+
+
+def build_project(base: Path) -> Path:
+    """A git repository of the project on the data subset: 2 folds, 32 px, 1 epoch,
+    mini_covidnet x {ce, focal}."""
+    shared = require_shared_lus()
+    # the data subset, with its own checksum list (as a user with another mirror would have)
+    data = base / "lus_subset"
+    sums = copy_lus_subset(shared, data, E2E_SUBSET)
+    proj = copy_project(base / "project")
+    (proj / "data" / "subset.sha256").write_text(sums)
+    conf = proj / "conf"
+    edit_yaml(conf / "dataset" / "lus_convex.yaml", sources=[str(data)],
+              checksums="data/subset.sha256", frame_max_side=64, workers=1)
+    edit_yaml(conf / "folds" / "patient_kfold.yaml", k=2, val_fraction=0.34)
+    edit_yaml(conf / "train" / "quick.yaml", image_size=32, epochs=1, batch_size=8,
+              max_frames_per_source=4, folds=[0, 1])
+    cfg = yaml.safe_load((conf / "config.yaml").read_text())
+    cfg["grid"] = {"models": ["mini_covidnet"], "losses": ["ce", "focal"]}
+    cfg["evaluate"]["bootstrap"] = 50
+    (conf / "config.yaml").write_text(yaml.safe_dump(cfg, sort_keys=False))
+    params = run([sys.executable, "-m", "pipeline.core.config"], cwd=proj)
+    (proj / "params.yaml").write_text(params)
+    run(["git", "init", "-q"], proj)
+    run(["git", "add", "-A"], proj)
+    run(["git", "-c", "user.email=t@localhost", "-c", "user.name=t", "commit", "-qm", "init"], proj)
+    return proj

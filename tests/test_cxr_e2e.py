@@ -16,9 +16,7 @@ import cv2
 import numpy as np
 import pytest
 
-from tests.conftest import natural_image
-from tests.conftest import run
-from tests.test_pipeline_e2e import copy_project
+from tests.conftest import copy_project, natural_image, run
 
 pytestmark = pytest.mark.slow
 

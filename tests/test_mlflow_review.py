@@ -21,18 +21,16 @@ import os
 import signal
 import subprocess
 import sys
-import time
-import urllib.request
 from pathlib import Path
 
 import numpy as np
 import pytest
 import yaml
 
-from tests.conftest import make_tiny_project
-from tests.conftest import run
-from tests.test_pipeline_e2e import build_project
-from tests.test_tracking import closed_port, mlflow_state  # noqa: F401 - autouse fixture
+from pipeline.core.tracking import TrackingError, wait_for_server
+from tests.conftest import build_project, closed_port, make_tiny_project, run
+
+pytestmark = pytest.mark.usefixtures("mlflow_state")
 
 CELLS = ("mini_covidnet-ce", "mini_covidnet-focal")
 
@@ -114,17 +112,10 @@ def server(tmp_path_factory):
         stdout=open(root / "server.log", "w"), stderr=subprocess.STDOUT,
         env={**os.environ, "MLFLOW_DISABLE_TELEMETRY": "true"}, start_new_session=True)
     uri = f"http://127.0.0.1:{port}"
-    deadline = time.monotonic() + 120
-    while True:
-        try:
-            with urllib.request.urlopen(f"{uri}/health", timeout=2) as r:
-                if r.status == 200:
-                    break
-        except OSError:
-            pass
-        assert proc.poll() is None, (root / "server.log").read_text()[-3000:]
-        assert time.monotonic() < deadline, "mlflow server did not start within 120 s"
-        time.sleep(1)
+    try:
+        wait_for_server(uri, proc)
+    except TrackingError as exc:
+        pytest.fail(f"{exc}\n{(root / 'server.log').read_text()[-3000:]}")
     yield uri
     os.killpg(proc.pid, signal.SIGTERM)
     proc.wait(timeout=30)

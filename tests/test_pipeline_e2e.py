@@ -5,45 +5,14 @@ store those runs land in."""
 from __future__ import annotations
 
 import json
-import shutil
-import subprocess
-import sys
 import time
 from pathlib import Path
 
 import pytest
-import yaml
 
-from tests.conftest import LUS_SUBSET, copy_lus_subset, run
+from tests.conftest import E2E_SUBSET, build_project, run
 
-ROOT = Path(__file__).resolve().parent.parent
 pytestmark = pytest.mark.slow
-
-SUBSET = [*LUS_SUBSET,
-          "pocus_videos/linear/Cov-Atlas-pleural.mp4",  # excluded by the probe selection
-          "dataset_metadata.csv"]
-
-
-def copy_project(dest: Path) -> Path:
-    """The project's tracked files, as a fresh clone would have them."""
-    files = subprocess.run(["git", "ls-files"], cwd=ROOT, capture_output=True, text=True,
-                           check=True).stdout.split()
-    for f in files:
-        if (ROOT / f).is_file():
-            (dest / f).parent.mkdir(parents=True, exist_ok=True)
-            shutil.copy2(ROOT / f, dest / f)
-    return dest
-
-
-def edit_yaml(path: Path, **changes) -> None:
-    data = yaml.safe_load(path.read_text())
-    for dotted, value in changes.items():
-        node = data
-        *parents, last = dotted.split("__")
-        for p in parents:
-            node = node[p]
-        node[last] = value
-    path.write_text(yaml.safe_dump(data, sort_keys=False))
 
 
 @pytest.fixture(scope="module")
@@ -51,41 +20,12 @@ def project(tmp_path_factory, request) -> Path:
     return build_project(tmp_path_factory.mktemp("e2e"))
 
 
-def build_project(base: Path) -> Path:
-    """A git repository of the project on the data subset: 2 folds, 32 px, 1 epoch,
-    mini_covidnet x {ce, focal}."""
-    from tests.conftest import require_shared_lus
-
-    shared = require_shared_lus()
-    # the data subset, with its own checksum list (as a user with another mirror would have)
-    data = base / "lus_subset"
-    sums = copy_lus_subset(shared, data, SUBSET)
-    proj = copy_project(base / "project")
-    (proj / "data" / "subset.sha256").write_text(sums)
-    conf = proj / "conf"
-    edit_yaml(conf / "dataset" / "lus_convex.yaml", sources=[str(data)],
-              checksums="data/subset.sha256", frame_max_side=64, workers=1)
-    edit_yaml(conf / "folds" / "patient_kfold.yaml", k=2, val_fraction=0.34)
-    edit_yaml(conf / "train" / "quick.yaml", image_size=32, epochs=1, batch_size=8,
-              max_frames_per_source=4, folds=[0, 1])
-    cfg = yaml.safe_load((conf / "config.yaml").read_text())
-    cfg["grid"] = {"models": ["mini_covidnet"], "losses": ["ce", "focal"]}
-    cfg["evaluate"]["bootstrap"] = 50
-    (conf / "config.yaml").write_text(yaml.safe_dump(cfg, sort_keys=False))
-    params = run([sys.executable, "-m", "pipeline.core.config"], cwd=proj)
-    (proj / "params.yaml").write_text(params)
-    run(["git", "init", "-q"], proj)
-    run(["git", "add", "-A"], proj)
-    run(["git", "-c", "user.email=t@localhost", "-c", "user.name=t", "commit", "-qm", "init"], proj)
-    return proj
-
-
 def test_dvc_repro_produces_every_output(project):
     out = run(["dvc", "repro"], project, timeout=900)
     assert "Running stage 'train@mini_covidnet-focal'" in out
     manifest = (project / "data/frames/manifest.csv").read_text()
     # every input file of the subset is in the manifest, the linear one as excluded
-    for rel in SUBSET[:-1]:
+    for rel in E2E_SUBSET[:-1]:
         assert rel in manifest, rel
     assert "probe 'linear' not selected" in manifest
     splits = (project / "data/folds/splits.csv").read_text()

@@ -21,48 +21,19 @@ import pytest
 import torch
 import yaml
 
-from tests.conftest import PROJECT_ROOT, make_tiny_project
-
-
-def _env() -> dict[str, str]:
-    # One thread: the same reduction order in every run, and no fight over the 2 shared cores.
-    return {**os.environ, "PYTHONPATH": str(PROJECT_ROOT), "OMP_NUM_THREADS": "1",
-            "MKL_NUM_THREADS": "1", "DVC_NO_ANALYTICS": "1", "MLFLOW_DISABLE_TELEMETRY": "true"}
-
-
-TRAIN_CMD = [sys.executable, "-m", "pipeline.stages.train", "model=mini_covidnet", "loss=ce", "fold=0"]
+from tests.conftest import TRAIN_CMD, make_tiny_project, project_env, train_in_process
 
 
 def _train_subprocess(cwd: Path, timeout: float = 300) -> None:
-    proc = subprocess.run(TRAIN_CMD, cwd=cwd, env=_env(), capture_output=True, text=True,
+    proc = subprocess.run(TRAIN_CMD, cwd=cwd, env=project_env(), capture_output=True, text=True,
                           timeout=timeout)
     assert proc.returncode == 0, proc.stderr[-3000:]
-
-
-def _train_in_process(cwd: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    """The same command in this process (no 10 s of imports); paths are relative to the cwd."""
-    from pipeline.core.config import load_params
-    from pipeline.stages.train import run
-
-    with monkeypatch.context() as m:
-        m.chdir(cwd)
-        run(load_params(), "mini_covidnet", "ce", [0])
-
-
-@pytest.fixture
-def one_thread():
-    """The thread count of the subprocesses (``OMP_NUM_THREADS=1``): CPU kernels may sum in
-    another order with another count, and the comparison is bit for bit."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
 
 
 def _kill_after_first_epoch(cwd: Path, epochs: int) -> None:
     """Start the training and SIGKILL it as soon as its first epoch's resume state exists."""
     resume_dir = cwd / ".cache" / "resume"
-    proc = subprocess.Popen(TRAIN_CMD, cwd=cwd, env=_env(), stdout=subprocess.DEVNULL,
+    proc = subprocess.Popen(TRAIN_CMD, cwd=cwd, env=project_env(), stdout=subprocess.DEVNULL,
                             stderr=subprocess.PIPE, text=True)
     deadline = time.monotonic() + 240
     try:
@@ -95,13 +66,13 @@ def test_killed_training_resumes_to_identical_weights(tmp_path, monkeypatch, one
     store = f"sqlite:///{tmp_path / 'mlruns' / 'mlflow.db'}"  # one store: created once
     for d in (clean, killed):
         make_tiny_project(d, epochs=epochs, tracking_uri=store)
-    _train_in_process(clean, monkeypatch)  # the uninterrupted reference
+    train_in_process(clean, monkeypatch)  # the uninterrupted reference
 
     _kill_after_first_epoch(killed, epochs)
     if rerun == "subprocess":
         _train_subprocess(killed)
     else:
-        _train_in_process(killed, monkeypatch)
+        train_in_process(killed, monkeypatch)
     assert not list((killed / ".cache" / "resume").glob("*/fold_0-*.pt"))  # cleaned up when done
 
     (ck_a, m_a, h_a, p_a), (ck_b, m_b, h_b, p_b) = _outputs(clean), _outputs(killed)
@@ -141,7 +112,7 @@ with open("b.txt", "w") as f:
 
 def _dvc(cwd: Path, *args: str, check: bool = True) -> subprocess.CompletedProcess:
     dvc = shutil.which("dvc", path=str(Path(sys.executable).parent)) or "dvc"
-    proc = subprocess.run([dvc, *args], cwd=cwd, env=_env(), capture_output=True, text=True,
+    proc = subprocess.run([dvc, *args], cwd=cwd, env=project_env(), capture_output=True, text=True,
                           timeout=120)
     if check:
         assert proc.returncode == 0, f"dvc {' '.join(args)}: {proc.stdout}\n{proc.stderr}"
@@ -158,7 +129,7 @@ def test_killed_dvc_repro_is_not_taken_as_done(tmp_path):
     (repo / "sleep_s").write_text("60")
 
     dvc = shutil.which("dvc", path=str(Path(sys.executable).parent)) or "dvc"
-    proc = subprocess.Popen([dvc, "repro"], cwd=repo, env=_env(), stdout=subprocess.PIPE,
+    proc = subprocess.Popen([dvc, "repro"], cwd=repo, env=project_env(), stdout=subprocess.PIPE,
                             stderr=subprocess.STDOUT, text=True, start_new_session=True)
     try:
         deadline = time.monotonic() + 90

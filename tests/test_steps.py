@@ -28,7 +28,6 @@ from pipeline.training.steps import (
     small_net,
 )
 from tests.conftest import make_tiny_project
-from tests.test_resume import one_thread  # noqa: F401 (fixture)
 
 cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 

@@ -22,34 +22,18 @@ import yaml
 
 from pipeline.core.config import compose
 from pipeline.core.tracking import TrackingError
-from tests.conftest import PROJECT_ROOT, make_tiny_project
-from tests.test_resume import TRAIN_CMD, _env
+from tests.conftest import (PROJECT_ROOT, TRAIN_CMD, closed_port, make_tiny_project,
+                            project_env)
+
+pytestmark = pytest.mark.usefixtures("mlflow_state")
 
 FORBIDDEN = ("/root", "/home/", "password", "token")
-
-
-@pytest.fixture(autouse=True)
-def mlflow_state() -> Iterator[None]:
-    """Leave MLflow's process-wide state (active runs, tracking URI and the
-    ``MLFLOW_TRACKING_URI`` it exports) as it was found."""
-    import mlflow
-
-    yield
-    while mlflow.active_run():
-        mlflow.end_run()
-    mlflow.set_tracking_uri(None)
 
 
 @pytest.fixture
 def fast_http_failure(monkeypatch):
     monkeypatch.setenv("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")
     monkeypatch.setenv("MLFLOW_HTTP_REQUEST_TIMEOUT", "2")
-
-
-def closed_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def read_only_sqlite(tmp_path: Path) -> str:
@@ -156,7 +140,7 @@ def test_required_but_unreachable_is_one_error_line(tmp_path):
     ``error:`` line naming the URI, the key and the fix, no traceback, no training."""
     uri = f"http://127.0.0.1:{closed_port()}"
     make_tiny_project(tmp_path, epochs=1, tracking_uri=uri, required=True)
-    env = {k: v for k, v in _env().items() if not k.startswith("MLFLOW_HTTP_REQUEST")}
+    env = {k: v for k, v in project_env().items() if not k.startswith("MLFLOW_HTTP_REQUEST")}
     started = time.monotonic()
     proc = subprocess.run(TRAIN_CMD, cwd=tmp_path, env=env, capture_output=True, text=True,
                           timeout=300)

@@ -29,8 +29,7 @@ from pipeline.training.schedule import (
     milestones_passed,
 )
 from pipeline.training.steps import small_net
-from tests.conftest import PROJECT_ROOT, make_tiny_project
-from tests.test_resume import _train_in_process, one_thread  # noqa: F401 (fixture, by name)
+from tests.conftest import PROJECT_ROOT, make_tiny_project, train_in_process
 
 PAPER = yaml.safe_load((PROJECT_ROOT / "conf" / "train" / "paper.yaml").read_text())
 
@@ -53,7 +52,7 @@ def test_training_follows_the_step_schedule_and_a_factor_one_plateau_is_off(tmp_
     params["train"]["lr_plateau"] = {"factor": 1.0, "patience": 1}
     params["train"]["optimizer"]["decay"] = 0.0
     (tmp_path / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
-    _train_in_process(tmp_path, monkeypatch)
+    train_in_process(tmp_path, monkeypatch)
 
     history = pd.read_csv(tmp_path / "models" / "mini_covidnet-ce" / "fold_0" / "history.csv")
     base = params["train"]["optimizer"]["lr"]
@@ -195,7 +194,7 @@ def test_train_stage_follows_the_paper_protocol_on_a_tiny_project(tmp_path, monk
     params["train"].update(early_stopping={"patience": 3},
                            lr_plateau={"factor": 0.1, "patience": 1})
     (tmp_path / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
-    _train_in_process(tmp_path, monkeypatch)
+    train_in_process(tmp_path, monkeypatch)
 
     fold = tmp_path / "models" / "mini_covidnet-ce" / "fold_0"
     history = pd.read_csv(fold / "history.csv")

@@ -21,7 +21,9 @@ import math
 import os
 import socket
 import subprocess
+import time
 import urllib.parse
+import urllib.request
 from collections.abc import Mapping
 from contextlib import contextmanager
 from pathlib import Path
@@ -88,6 +90,29 @@ def probe(uri: str, timeout_s: float | None) -> None:
         why = exc.strerror or str(exc) or type(exc).__name__
         raise ConnectionError(f"cannot connect to {parts.hostname}:{port} within {timeout:g} s "
                               f"({why})") from exc
+
+
+def wait_for_server(url: str, proc: subprocess.Popen | None = None,
+                    timeout_s: float = 120) -> None:
+    """Return once the MLflow server (or UI) at ``url`` answers ``/health``.
+
+    Raises:
+        TrackingError: ``proc`` (the server, when started by the caller) exited, or no answer
+            came within ``timeout_s``.
+    """
+    deadline = time.monotonic() + timeout_s
+    while True:
+        try:
+            with urllib.request.urlopen(f"{url}/health", timeout=2) as r:
+                if r.status == 200:
+                    return
+        except OSError:
+            pass
+        if proc is not None and proc.poll() is not None:
+            raise TrackingError(f"the MLflow server for {url} exited with {proc.returncode}")
+        if time.monotonic() >= deadline:
+            raise TrackingError(f"no MLflow server answering at {url} within {timeout_s:.0f} s")
+        time.sleep(1)
 
 
 def _one_line(exc: BaseException) -> str:

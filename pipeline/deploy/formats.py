@@ -94,8 +94,8 @@ class OnnxExporter:
         device).
 
         Raises:
-            ValueError: a weight of the traced graph has no tensor of the same shape and dtype
-                in ``model`` under its name: it is not the architecture traced first.
+            ValueError: a tensor of ``model`` differs in shape or dtype from the weight of its
+                name in the traced graph: it is not the architecture traced first.
         """
         path = Path(path)
         path.parent.mkdir(parents=True, exist_ok=True)
