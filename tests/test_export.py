@@ -223,6 +223,24 @@ def test_bad_requests_name_the_valid_choices():
     assert cfg["tolerance"]["tflite_int8_full"] == 2.0
 
 
+def _log_a_file_line() -> None:
+    import logging
+
+    logging.getLogger("pipeline.deploy.formats").info("ok   probe.onnx")
+
+
+def test_export_workers_log_each_file(capfd):
+    """Spawned workers start without the parent's logging: the stage's initializer sets it up,
+    or the per-file lines of the jobs would be lost from the stage's output."""
+    import multiprocessing
+    from concurrent.futures import ProcessPoolExecutor
+
+    with ProcessPoolExecutor(1, mp_context=multiprocessing.get_context("spawn"),
+                             initializer=export._worker_setup) as pool:
+        pool.submit(_log_a_file_line).result()
+    assert "INFO pipeline.deploy.formats: ok   probe.onnx" in capfd.readouterr().err
+
+
 def test_main_exports_every_fold_and_writes_parity_json(tmp_path, monkeypatch):
     """The stage's I/O: folds found, files laid out, parity.json written, failure after it."""
     import pipeline.models.checkpoint

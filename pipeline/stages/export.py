@@ -115,6 +115,9 @@ def _worker_setup() -> None:
     """A worker process of :func:`export_run`: the stage's logging, one thread each."""
     import torch
 
+    from pipeline.core.cli import setup_logging
+
+    setup_logging()
     torch.set_num_threads(1)
 
 
