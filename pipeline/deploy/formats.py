@@ -292,16 +292,6 @@ def runtime_parity(model: nn.Module, path: str | Path, images: torch.Tensor | np
     return compare_outputs(reference, edge_runner.load_model(path, threads)(x), labels)
 
 
-def onnx_parity(model: nn.Module, onnx_path: str | Path, images, labels=None) -> dict:
-    """``max_abs_diff``, ``top1_agreement``, ``n`` of an ONNX file (ONNX Runtime) vs PyTorch."""
-    return runtime_parity(model, onnx_path, images, labels)
-
-
-def tflite_parity(model: nn.Module, tflite_path: str | Path, images, labels=None) -> dict:
-    """``max_abs_diff``, ``top1_agreement``, ``n`` of a .tflite (LiteRT interpreter) vs PyTorch."""
-    return runtime_parity(model, tflite_path, images, labels)
-
-
 def accuracy_change(model: nn.Module, path: str | Path, images, labels) -> dict:
     """Accuracy of an exported (e.g. int8) file vs PyTorch's on labelled images.
 
