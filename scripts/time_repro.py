@@ -22,6 +22,8 @@ import tempfile
 import time
 from pathlib import Path
 
+from pipeline.deploy.edge_runner import cpu_model, vector_extensions
+
 ROOT = Path(__file__).resolve().parents[1]
 STAGE_LINE = re.compile(r"Running stage '([^']+)'")
 
@@ -50,15 +52,8 @@ def timed_repro(cwd: Path, env: dict) -> tuple[dict[str, float], float]:
 
 
 def host() -> dict:
-    """The machine: CPU model, cores, and the vector extensions that PyTorch's CPU kernels choose
-    among (kernels differ by them, and so may the last bits of what a run computes)."""
-    info = Path("/proc/cpuinfo").read_text().splitlines()
-    cpu = next((line.split(":", 1)[1].strip() for line in info if line.startswith("model name")),
-               platform.processor())
-    flags = set(next((line.split(":", 1)[1].split() for line in info if line.startswith("flags")),
-                     []))
-    return {"cpu": cpu, "cores": os.cpu_count(),
-            "vector_isa": [f for f in ("avx2", "avx512f", "avx512_bf16", "amx_tile") if f in flags],
+    """The machine: CPU model, cores and vector extensions, Python and platform."""
+    return {"cpu": cpu_model(), "cores": os.cpu_count(), "vector_isa": vector_extensions(),
             "python": platform.python_version(), "platform": platform.platform()}
 
 

@@ -135,19 +135,32 @@ def time_calls(fn, x, runs: int, warmup: int) -> dict:
             "runs": int(runs), "warmup": int(warmup)}
 
 
-def cpu_model() -> str:
-    """The CPU's marketing name (x86 ``model name``; on a Raspberry Pi the board's ``Model``)."""
-    names = {}
+def _cpuinfo() -> dict[str, str]:
+    """The first value of each key of ``/proc/cpuinfo`` (empty where there is none)."""
+    names: dict[str, str] = {}
     try:
         for line in Path("/proc/cpuinfo").read_text().splitlines():
             key, _, value = line.partition(":")
             names.setdefault(key.strip(), value.strip())
     except OSError:
         pass
+    return names
+
+
+def cpu_model() -> str:
+    """The CPU's marketing name (x86 ``model name``; on a Raspberry Pi the board's ``Model``)."""
+    names = _cpuinfo()
     for key in ("model name", "Model", "Hardware", "cpu model"):
         if names.get(key):
             return names[key]
     return platform.processor() or platform.machine()
+
+
+def vector_extensions() -> list[str]:
+    """The x86 vector extensions PyTorch's CPU kernels are chosen by, those this CPU has
+    (kernels differ by them, and so may the last bits of what a run computes)."""
+    flags = set(_cpuinfo().get("flags", "").split())
+    return [f for f in ("avx2", "avx512f", "avx512_bf16", "amx_tile") if f in flags]
 
 
 def device_info() -> dict:
