@@ -12,7 +12,7 @@ from sklearn.metrics import roc_auc_score
 
 from pipeline.evaluation.aggregation import aggregate_videos, ensemble_probabilities
 from pipeline.evaluation.bootstrap import patient_bootstrap
-from pipeline.evaluation.bootstrap_figures import FiguresOfMerit
+from pipeline.evaluation.bootstrap_figures import Accuracy, FiguresOfMerit
 from pipeline.evaluation.classification import (
     classification_metrics,
     metrics_from_table,
@@ -290,6 +290,16 @@ def test_paired_better_run_has_positive_difference():
     # reversed order: the sign flips
     rev = paired_bootstrap_difference(b, a, accuracy, CLASSES, n_boot=500, seed=0)
     assert rev["diff"] == pytest.approx(-res["diff"]) and rev["high"] < 0
+
+
+def test_vectorised_accuracy_equals_resampling_tables_exactly():
+    a, b = random_table(n=300, n_patients=12, seed=2), random_table(n=300, n_patients=12, seed=3)
+    b = b.assign(patient=a["patient"], y_true=a["y_true"])
+    assert Accuracy()(a) == accuracy(a)
+    fast = paired_bootstrap_difference(a, b, Accuracy(), CLASSES, n_boot=60, seed=5)
+    slow = paired_bootstrap_difference(a, b, accuracy, CLASSES, n_boot=60, seed=5)
+    assert fast == slow  # the same ratios of integers: equal to the last bit
+    assert fast["low"] < fast["high"]
 
 
 def test_paired_rejects_different_frames():

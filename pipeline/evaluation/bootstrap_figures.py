@@ -4,7 +4,7 @@
 per resample (too slow for 1000 resamples). The statistics here compute every resample from
 per-patient confusion counts and weighted AUCs, with the same values as scikit-learn (tested
 against it): :class:`FiguresOfMerit` for the multi-class figures, :class:`BinaryFigures` for a
-two-class task at chosen decision thresholds.
+two-class task at chosen decision thresholds, :class:`Accuracy` for the accuracy alone.
 """
 
 from __future__ import annotations
@@ -131,6 +131,28 @@ def _weighted_auc(scores: np.ndarray, positive: np.ndarray, row_weights: np.ndar
         num = (wp * (neg_below + 0.5 * wn)).sum(axis=1)
         out[lo:lo + step] = nan_ratio(num, wp.sum(axis=1) * wn.sum(axis=1))
     return out
+
+
+class Accuracy:
+    """Bootstrap statistic: the share of rows whose ``y_pred`` is ``y_true``, as a float.
+
+    :meth:`replicates` gives every resample from per-group counts of rows and of correct rows;
+    each value is the same ratio of integers as the accuracy of the resampled table.
+    """
+
+    def __call__(self, df: pd.DataFrame) -> float:
+        return float(self.replicates(df, np.zeros(len(df), dtype=np.int64), np.ones((1, 1)))[""][0])
+
+    def replicates(self, df: pd.DataFrame, group_codes: np.ndarray,
+                   counts: np.ndarray) -> dict[str, np.ndarray]:
+        """Accuracy of B weighted copies of ``df``, under the key ``""`` of a float statistic
+        (see :meth:`FiguresOfMerit.replicates`)."""
+        require_columns(df, ["y_true", "y_pred"])
+        correct = (df["y_true"].to_numpy() == df["y_pred"].to_numpy()).astype(np.float64)
+        n_groups = counts.shape[1]
+        rows = np.bincount(group_codes, minlength=n_groups).astype(np.float64)
+        right = np.bincount(group_codes, weights=correct, minlength=n_groups)
+        return {"": nan_ratio(counts @ right, counts @ rows)}
 
 
 #: Figures of a two-class decision rule (``score >= threshold`` is positive), :class:`BinaryFigures`.

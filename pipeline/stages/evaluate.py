@@ -21,6 +21,7 @@ from sklearn.metrics import roc_curve
 from pipeline.core.config import get, load_params
 from pipeline.evaluation.aggregation import aggregate_videos
 from pipeline.evaluation.bootstrap import patient_bootstrap
+from pipeline.evaluation.bootstrap_figures import Accuracy
 from pipeline.evaluation.classification import summarize_folds
 from pipeline.evaluation.comparisons import mcnemar_test, paired_bootstrap_difference
 
@@ -29,10 +30,6 @@ log = logging.getLogger("pipeline.stages.evaluate")
 
 def cells(params: Mapping) -> list[str]:
     return [f"{m}-{l}" for m in get(params, "grid.models") for l in get(params, "grid.losses")]
-
-
-def _accuracy(df: pd.DataFrame) -> float:
-    return float((df["y_true"] == df["y_pred"]).mean())
 
 
 def evaluate_cell(preds: pd.DataFrame, classes: Sequence[str], n_boot: int, ci: float,
@@ -51,7 +48,7 @@ def compare(a: pd.DataFrame, b: pd.DataFrame, classes: Sequence[str], n_boot: in
             seed: int) -> dict:
     """Paired comparison of two rows on the same frames: bootstrap of the accuracy difference
     over patients, and McNemar on video-level (mean-probability) predictions."""
-    diff = paired_bootstrap_difference(a, b, _accuracy, classes, n_boot=n_boot, seed=seed, ci=ci)
+    diff = paired_bootstrap_difference(a, b, Accuracy(), classes, n_boot=n_boot, seed=seed, ci=ci)
     va = aggregate_videos(a, classes, how="mean").set_index("source")
     vb = aggregate_videos(b, classes, how="mean").set_index("source").loc[va.index]
     mc = mcnemar_test((va["y_pred"] == va["y_true"]).to_numpy(), (vb["y_pred"] == vb["y_true"]).to_numpy())
