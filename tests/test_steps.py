@@ -93,12 +93,13 @@ def test_throughput_records_eager_steps_on_cpu():
     assert step_kind(r) == "eager" and step_kind({"cuda_graph": True}) == "cuda graph"
 
 
-def test_amp_and_channels_last_apply_on_cuda_and_on_a_cpu_only_when_asked(monkeypatch):
+def test_amp_applies_on_cuda_and_on_a_cpu_only_when_asked_channels_last_everywhere(monkeypatch):
     on = {"amp": True, "channels_last": True, "cpu_amp": False}
     cuda_dev, cpu = torch.device("cuda"), torch.device("cpu")
     assert precision(on, cuda_dev) == (True, True)
     assert precision({**on, "amp": False}, cuda_dev) == (False, True)
-    assert precision(on, cpu) == (False, False)  # cpu_amp off
+    assert precision(on, cpu) == (False, True)  # cpu_amp off: no autocast, channels-last kept
+    assert precision({**on, "channels_last": False}, cpu) == (False, False)
     monkeypatch.setattr(steps, "cpu_bf16_supported", lambda: True)
     assert precision({**on, "cpu_amp": True}, cpu) == (True, True)
     monkeypatch.setattr(steps, "cpu_bf16_supported", lambda: False)
@@ -122,7 +123,7 @@ def test_cpu_amp_trains_a_fold_in_bf16_and_channels_last_and_records_it(tmp_path
         run(params, "mini_covidnet", "ce", [0])
         fold = root / "models" / "mini_covidnet-ce" / "fold_0"
         metrics = json.loads((fold / "metrics.json").read_text())
-        assert metrics["precision"] == {"amp_bf16": flag, "channels_last": flag}
+        assert metrics["precision"] == {"amp_bf16": flag, "channels_last": True}
         history = pd.read_csv(fold / "history.csv")
         assert history[["train_loss", "val_loss"]].notna().all().all()
         outputs[flag] = history

@@ -143,14 +143,21 @@ def export_run(checkpoints: Mapping[int, Path], cfg: Mapping, out_root: Path) ->
     return sorted(records, key=lambda r: (r["fold"], order.index(r["format"])))
 
 
-def _logged_model(ckpt_path: Path, cfg: Mapping) -> tuple:
-    """The model and two parity frames of a fold whose models go to MLflow."""
+def _logged_models(checkpoints: Mapping[int, Path], cfg: Mapping) -> dict[int, tuple]:
+    """``{fold: (model, two parity frames)}`` of the folds exported in every format, whose
+    models go to MLflow; MLflow is imported too, so that logging them starts at once."""
+    from pipeline.core.tracking import import_mlflow
     from pipeline.models.checkpoint import load_model
 
-    model, ckpt = load_model(ckpt_path)
-    fold = int(Path(ckpt_path).parent.name.removeprefix("fold_"))
-    images, _ = _frames(fold, cfg["parity_split"], int(ckpt["image_size"]), cfg["parity_frames"])
-    return model, images[:2]
+    import_mlflow()
+    logged = {}
+    for fold, path in checkpoints.items():
+        if set(fold_formats(cfg, fold)) == set(cfg["formats"]):
+            model, ckpt = load_model(path)
+            images, _ = _frames(fold, cfg["parity_split"], int(ckpt["image_size"]),
+                                cfg["parity_frames"])
+            logged[fold] = (model, images[:2])
+    return logged
 
 
 def main(argv: Sequence[str] | None = None) -> None:
@@ -177,10 +184,12 @@ def main(argv: Sequence[str] | None = None) -> None:
         checkpoints = {k: checkpoints[k] for k in args.folds}
     # Beside, not inside, the train stage's output: DVC outputs must not overlap.
     out_root = Path(args.out_dir) if args.out_dir else Path("exports") / run_dir.name
-    records = export_run(checkpoints, cfg, out_root)
-    # Folds exported in every format: their models go to MLflow.
-    logged = {fold: _logged_model(path, cfg) for fold, path in checkpoints.items()
-              if set(fold_formats(cfg, fold)) == set(cfg["formats"])}
+    from concurrent.futures import ThreadPoolExecutor
+
+    with ThreadPoolExecutor(1) as side:  # this process waits on the jobs: prepare MLflow meanwhile
+        pending = side.submit(_logged_models, checkpoints, cfg)
+        records = export_run(checkpoints, cfg, out_root)
+        logged = pending.result()
     summary = {"run": run_dir.name, "passed": all(r["passed"] for r in records),
                "n_files": len(records), "per_format": summarize(records), "records": records}
     out_root.mkdir(parents=True, exist_ok=True)
