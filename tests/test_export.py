@@ -285,6 +285,14 @@ def test_main_exports_every_fold_and_writes_parity_json(tmp_path, monkeypatch):
     assert [(r["fold"], r["format"]) for r in summary["records"]] == [
         (0, "onnx"), (1, "onnx"), (1, "tflite_fp32")]
     assert not (out_dir / "fold_0" / "model_fp32.tflite").exists()
+    # A grid run of a loss other than the grid's first is never benchmarked: ONNX alone.
+    params["grid"] = {"models": ["tiny"], "losses": ["focal", "ce"]}
+    (tmp_path / "params.yaml").write_text(yaml.safe_dump(params))
+    shutil.rmtree(out_dir)
+    export.main(["--run-dir", "models/tiny-ce"])
+    summary = json.loads((out_dir / "parity.json").read_text())
+    assert [(r["fold"], r["format"]) for r in summary["records"]] == [(0, "onnx"), (1, "onnx")]
+    del params["grid"]
     params["export"]["all_formats_folds"] = None
 
     params["export"].update(formats=["onnx"], tolerance={"onnx": -1.0})  # impossible to meet

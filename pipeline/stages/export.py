@@ -40,11 +40,27 @@ def export_config(params: Mapping) -> dict:
     return cfg
 
 
-def fold_formats(cfg: Mapping, fold: int) -> list[str]:
-    """Formats of one fold: all of ``export.formats`` for the folds in
-    ``export.all_formats_folds`` (null: every fold), ONNX alone for the others."""
+def benchmarked(params: Mapping, run: str) -> bool:
+    """False for a grid run of a loss other than the grid's first, which the benchmark never
+    times (it times ``<model>-<first loss>``, as ``dvc.yaml`` says); True for any other run."""
+    grid = params.get("grid") or {}
+    others = {f"{m}-{loss}" for m in grid.get("models", []) for loss in grid.get("losses", [])[1:]}
+    return run not in others
+
+
+def chosen_folds(cfg: Mapping, folds: Sequence[int]) -> list[int]:
+    """The folds of ``export.all_formats_folds`` (null: all of ``folds``): exported in every
+    format in a benchmarked run, and logged to MLflow in every run."""
     chosen = cfg["all_formats_folds"]
-    if chosen is None or fold in chosen:
+    return [f for f in folds if chosen is None or f in chosen]
+
+
+def fold_formats(cfg: Mapping, fold: int, all_formats: bool) -> list[str]:
+    """Formats of one fold: all of ``export.formats`` for a chosen fold (:func:`chosen_folds`)
+    of a benchmarked run, or for every fold with ``export.all_formats_folds: null``; ONNX alone
+    for the others."""
+    chosen = cfg["all_formats_folds"]
+    if chosen is None or (all_formats and fold in chosen):
         return list(cfg["formats"])
     return [f for f in cfg["formats"] if f == "onnx"]
 
@@ -72,13 +88,14 @@ def _frames(fold: int, split: str, image_size: int, limit: int | None):
     return images.float().div(255).numpy(), np.asarray(labels)
 
 
-def export_jobs(folds: Sequence[int], cfg: Mapping) -> list[tuple[list[int], list[str]]]:
+def export_jobs(folds: Sequence[int], cfg: Mapping, all_formats: bool = True
+                ) -> list[tuple[list[int], list[str]]]:
     """The stage's work as independent ``(folds, formats)`` jobs: ONNX for every fold in one job
     (one trace of the architecture, :class:`~pipeline.deploy.formats.OnnxExporter`), and the
     TFLite formats of each fold that :func:`fold_formats` gives them to, a job per fold."""
     jobs = [(list(folds), ["onnx"])] if "onnx" in cfg["formats"] else []
     for fold in folds:
-        tflite = [f for f in fold_formats(cfg, fold) if f != "onnx"]
+        tflite = [f for f in fold_formats(cfg, fold, all_formats) if f != "onnx"]
         if tflite:
             jobs.append(([fold], tflite))
     return jobs
@@ -121,10 +138,11 @@ def _worker_setup() -> None:
     torch.set_num_threads(1)
 
 
-def export_run(checkpoints: Mapping[int, Path], cfg: Mapping, out_root: Path) -> list[dict]:
+def export_run(checkpoints: Mapping[int, Path], cfg: Mapping, out_root: Path,
+               all_formats: bool = True) -> list[dict]:
     """Every job of :func:`export_jobs`, in ``export.workers`` processes (1: in this one);
     the records come back ordered by fold, then format as in ``export.formats``."""
-    jobs = export_jobs(list(checkpoints), cfg)
+    jobs = export_jobs(list(checkpoints), cfg, all_formats)
     workers = min(int(cfg["workers"]), len(jobs))
     if workers <= 1:
         records = [r for folds, formats in jobs
@@ -144,19 +162,18 @@ def export_run(checkpoints: Mapping[int, Path], cfg: Mapping, out_root: Path) ->
 
 
 def _logged_models(checkpoints: Mapping[int, Path], cfg: Mapping) -> dict[int, tuple]:
-    """``{fold: (model, two parity frames)}`` of the folds exported in every format, whose
-    models go to MLflow; MLflow is imported too, so that logging them starts at once."""
+    """``{fold: (model, two parity frames)}`` of the chosen folds (:func:`chosen_folds`),
+    whose models go to MLflow; MLflow is imported too, so that logging them starts at once."""
     from pipeline.core.tracking import import_mlflow
     from pipeline.models.checkpoint import load_model
 
     import_mlflow()
     logged = {}
-    for fold, path in checkpoints.items():
-        if set(fold_formats(cfg, fold)) == set(cfg["formats"]):
-            model, ckpt = load_model(path)
-            images, _ = _frames(fold, cfg["parity_split"], int(ckpt["image_size"]),
-                                cfg["parity_frames"])
-            logged[fold] = (model, images[:2])
+    for fold in chosen_folds(cfg, list(checkpoints)):
+        model, ckpt = load_model(checkpoints[fold])
+        images, _ = _frames(fold, cfg["parity_split"], int(ckpt["image_size"]),
+                            cfg["parity_frames"])
+        logged[fold] = (model, images[:2])
     return logged
 
 
@@ -171,8 +188,10 @@ def main(argv: Sequence[str] | None = None) -> None:
 
     from pipeline.core.config import load_params
 
-    cfg = export_config(load_params(args.params))
+    params = load_params(args.params)
+    cfg = export_config(params)
     run_dir = Path(args.run_dir)
+    all_formats = benchmarked(params, run_dir.name)
     from pipeline.models.checkpoint import fold_checkpoints
 
     checkpoints = fold_checkpoints(run_dir)
@@ -188,7 +207,7 @@ def main(argv: Sequence[str] | None = None) -> None:
 
     with ThreadPoolExecutor(1) as side:  # this process waits on the jobs: prepare MLflow meanwhile
         pending = side.submit(_logged_models, checkpoints, cfg)
-        records = export_run(checkpoints, cfg, out_root)
+        records = export_run(checkpoints, cfg, out_root, all_formats)
         logged = pending.result()
     summary = {"run": run_dir.name, "passed": all(r["passed"] for r in records),
                "n_files": len(records), "per_format": summarize(records), "records": records}
@@ -198,7 +217,7 @@ def main(argv: Sequence[str] | None = None) -> None:
              "all within tolerance" if summary["passed"] else "SOME FAILED")
     from pipeline.core.review import log_export
 
-    log_export(load_params(args.params), run_dir.name, summary, logged, run_dir.parent)
+    log_export(params, run_dir.name, summary, logged, run_dir.parent)
     check_parity(records)
 
 
