@@ -26,16 +26,22 @@ from pipeline.deploy.edge_runner import cpu_model, vector_extensions
 
 ROOT = Path(__file__).resolve().parents[1]
 STAGE_LINE = re.compile(r"Running stage '([^']+)'")
+SKIP_LINE = re.compile(r"Stage '([^']+)' didn't change, skipping")
 
 
-def timed_repro(cwd: Path, env: dict) -> tuple[dict[str, float], float]:
-    """Seconds per stage and in all of one ``dvc repro`` in ``cwd``."""
+def timed_repro(cwd: Path, env: dict) -> tuple[dict[str, float], list[str], float]:
+    """Seconds per stage run, the stages DVC skipped (unchanged since ``dvc.lock``, their
+    outputs in Git), and seconds in all, of one ``dvc repro`` in ``cwd``."""
     start = time.perf_counter()
     proc = subprocess.Popen(["dvc", "repro"], cwd=cwd, env=env, text=True, bufsize=1,
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
     stages: dict[str, float] = {}
+    skipped: list[str] = []
     current, since = None, start
     for line in proc.stdout:
+        skip = SKIP_LINE.search(line)
+        if skip:
+            skipped.append(skip.group(1))
         match = STAGE_LINE.search(line)
         if match:
             now = time.perf_counter()
@@ -48,7 +54,7 @@ def timed_repro(cwd: Path, env: dict) -> tuple[dict[str, float], float]:
     end = time.perf_counter()
     if current:
         stages[current] = round(end - since, 2)
-    return stages, round(end - start, 2)
+    return stages, skipped, round(end - start, 2)
 
 
 def host() -> dict:
@@ -72,13 +78,14 @@ def main() -> None:
         (clone / ".venv").symlink_to(ROOT / ".venv")
         env = {**os.environ, "PATH": f"{ROOT / '.venv' / 'bin'}:{os.environ['PATH']}",
                "DVC_NO_ANALYTICS": "1", "MLFLOW_DISABLE_TELEMETRY": "true"}
-        stages, total = timed_repro(clone, env)
-        _, noop = timed_repro(clone, env)
+        stages, skipped, total = timed_repro(clone, env)
+        _, _, noop = timed_repro(clone, env)
     record = {"revision": rev, "host": host(), "total_s": total, "stage_s": round(sum(stages.values()), 2),
-              "noop_s": noop, "stages": stages}
+              "noop_s": noop, "stages": stages, "skipped": skipped}
     out = ROOT / args.out
     out.write_text(json.dumps(record, indent=2) + "\n")
-    rows = "\n".join(f"| {name} | {secs:.1f} |" for name, secs in stages.items())
+    rows = "\n".join([f"| {name} | {secs:.1f} |" for name, secs in stages.items()]
+                     + [f"| {name} | skipped: unchanged since dvc.lock |" for name in skipped])
     out.with_suffix(".md").write_text(
         f"# `dvc repro` on a fresh clone, per stage\n\nrevision `{rev[:12]}`; {record['host']['cpu']}, "
         f"{record['host']['cores']} cores ({', '.join(record['host']['vector_isa'])}); "
