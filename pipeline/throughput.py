@@ -2,7 +2,8 @@
 
 ``python -m pipeline.throughput [--models ...] [--batch-sizes 16 128] [--out reports/throughput]``
 times ``pipeline.training.loop.train_step`` (uint8 frames already on the device, gathered, scaled and
-augmented there; bf16 autocast and channels-last on CUDA, and on a CPU with ``train.cpu_amp``)
+augmented there; channels-last where ``train.channels_last`` says, bf16 autocast on CUDA and on a
+CPU with ``train.cpu_amp``)
 against the same model fed one pre-made random float batch with no augmentation (the reference
 measurement of REFERENCE.md).
 The ratio says how much the data path costs. ``--cuda-graph both`` times every model with eager
@@ -133,7 +134,7 @@ def to_markdown(result: Mapping) -> str:
     head = (f"# Training throughput\n\nDevice: {d.get('gpu', 'no GPU')}; CPU {d['cpu']} "
             f"({d['cores']} cores); torch {d['torch']}. Image size {result['image_size']} px; "
             f"precision: bf16 autocast or fp32, channels-last or not (`train.amp`, "
-            f"`train.channels_last`; on a CPU with `train.cpu_amp`). Real = `train_step` on frames of the "
+            f"`train.channels_last`; bf16 on a CPU with `train.cpu_amp`). Real = `train_step` on frames of the "
             f"lung-ultrasound dataset held on the device, augmented per image; random = one "
             f"pre-made random batch, no augmentation.\n\n")
     return head + "\n".join(rows) + "\n"

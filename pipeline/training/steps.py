@@ -18,8 +18,8 @@ Augmentation stays outside the graph. On a machine without CUDA the key is ignor
 
 :func:`precision` decides where ``train.amp`` (bf16 autocast) and ``train.channels_last`` apply.
 Channels-last applies on every device: oneDNN's channels-last convolutions are faster on a CPU
-too, in fp32 (MobileNetV2 at 64 px, batch 32: 146-151 ms a step against 201-222 ms in NCHW on
-2 AVX2 cores). Autocast applies on CUDA, and on a CPU only with ``train.cpu_amp``: on a CPU with
+too, in fp32 (``reports/throughput_cpu_64px_channels_last.md`` against
+``reports/throughput_cpu_64px_nchw.md``). Autocast applies on CUDA, and on a CPU only with ``train.cpu_amp``: on a CPU with
 native bf16 (AVX512-BF16 or AMX), channels-last and bf16 autocast train Mini-COVIDNet and
 MobileNetV2 at 224 px about 1.6 times as fast as fp32 in NCHW
 (``reports/paper_gpu/throughput_224px.md``), in the same precision as the GPU folds of the grid.
