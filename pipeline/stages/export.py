@@ -11,14 +11,16 @@ from __future__ import annotations
 import argparse
 import json
 import logging
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
+from typing import TypeVar
 
 import numpy as np
 
 from pipeline.deploy.formats import FORMATS, check_parity, export_model
 
 log = logging.getLogger("pipeline.stages.export")
+T = TypeVar("T")
 
 
 def export_config(params: Mapping) -> dict:
@@ -139,14 +141,21 @@ def _worker_setup() -> None:
 
 
 def export_run(checkpoints: Mapping[int, Path], cfg: Mapping, out_root: Path,
-               all_formats: bool = True) -> list[dict]:
-    """Every job of :func:`export_jobs`, in ``export.workers`` processes (1: in this one);
-    the records come back ordered by fold, then format as in ``export.formats``."""
+               all_formats: bool = True, meanwhile: Callable[[], T] | None = None
+               ) -> tuple[list[dict], T | None]:
+    """Every job of :func:`export_jobs`, in ``export.workers`` processes (1: in this one), and
+    ``meanwhile()`` in this process while the workers run (after the jobs, without workers).
+
+    Returns:
+        The records, ordered by fold, then format as in ``export.formats``; and what
+        ``meanwhile`` returned (None without it).
+    """
     jobs = export_jobs(list(checkpoints), cfg, all_formats)
     workers = min(int(cfg["workers"]), len(jobs))
     if workers <= 1:
         records = [r for folds, formats in jobs
                    for r in export_job(folds, formats, checkpoints, cfg, out_root)]
+        extra = meanwhile() if meanwhile else None
     else:
         import multiprocessing
         from concurrent.futures import ProcessPoolExecutor
@@ -156,9 +165,10 @@ def export_run(checkpoints: Mapping[int, Path], cfg: Mapping, out_root: Path,
                                  initializer=_worker_setup) as pool:
             futures = [pool.submit(export_job, folds, formats, dict(checkpoints), dict(cfg),
                                    out_root) for folds, formats in jobs]
+            extra = meanwhile() if meanwhile else None
             records = [r for f in futures for r in f.result()]
     order = list(cfg["formats"])
-    return sorted(records, key=lambda r: (r["fold"], order.index(r["format"])))
+    return sorted(records, key=lambda r: (r["fold"], order.index(r["format"]))), extra
 
 
 def _logged_models(checkpoints: Mapping[int, Path], cfg: Mapping) -> dict[int, tuple]:
@@ -203,12 +213,8 @@ def main(argv: Sequence[str] | None = None) -> None:
         checkpoints = {k: checkpoints[k] for k in args.folds}
     # Beside, not inside, the train stage's output: DVC outputs must not overlap.
     out_root = Path(args.out_dir) if args.out_dir else Path("exports") / run_dir.name
-    from concurrent.futures import ThreadPoolExecutor
-
-    with ThreadPoolExecutor(1) as side:  # this process waits on the jobs: prepare MLflow meanwhile
-        pending = side.submit(_logged_models, checkpoints, cfg)
-        records = export_run(checkpoints, cfg, out_root, all_formats)
-        logged = pending.result()
+    records, logged = export_run(checkpoints, cfg, out_root, all_formats,
+                                 meanwhile=lambda: _logged_models(checkpoints, cfg))
     summary = {"run": run_dir.name, "passed": all(r["passed"] for r in records),
                "n_files": len(records), "per_format": summarize(records), "records": records}
     out_root.mkdir(parents=True, exist_ok=True)
