@@ -162,14 +162,15 @@ def test_each_cell_run_has_every_stage_result(repro):
         # export: parity and size per format
         assert m["parity.onnx.max_abs_diff"] < 1e-4
         assert m["parity.onnx.min_top1_agreement"] == 1.0
-        assert m["size_mb.tflite_int8_full"] < m["size_mb.tflite_fp32"]
+        timed = cell.endswith("-ce")  # the grid's first loss: the benchmark's run, every format
+        assert (m.get("size_mb.tflite_int8_full", 0) < m.get("size_mb.tflite_fp32", 0)) == timed
         artifacts = {f.path for f in client.list_artifacts(r.info.run_id, "figures")}
         assert {f"figures/confusion_roc_{cell}.png", f"figures/training_{cell}.png",
                 f"figures/gradcam_{cell}.png"} <= artifacts, artifacts
         tables = {f.path for f in client.list_artifacts(r.info.run_id, "evaluation")}
         assert "evaluation/comparisons.json" in tables
         tflite = {f.path for f in client.list_artifacts(r.info.run_id, "tflite/fold_0")}
-        assert "tflite/fold_0/model_int8_full.tflite" in tflite
+        assert ("tflite/fold_0/model_int8_full.tflite" in tflite) == timed, (cell, tflite)
         # data lineage: the dataset input with its source and digest
         inputs = r.inputs.dataset_inputs
         assert [i.dataset.name for i in inputs] == ["lus_convex"]
