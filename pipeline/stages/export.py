@@ -90,7 +90,7 @@ def _frames(fold: int, split: str, image_size: int, limit: int | None):
     return images.float().div(255).numpy(), np.asarray(labels)
 
 
-def export_jobs(folds: Sequence[int], cfg: Mapping, all_formats: bool = True
+def export_jobs(folds: Sequence[int], cfg: Mapping, all_formats: bool
                 ) -> list[tuple[list[int], list[str]]]:
     """The stage's work as independent ``(folds, formats)`` jobs: ONNX for every fold in one job
     (one trace of the architecture, :class:`~pipeline.deploy.formats.OnnxExporter`), and the
@@ -141,7 +141,7 @@ def _worker_setup() -> None:
 
 
 def export_run(checkpoints: Mapping[int, Path], cfg: Mapping, out_root: Path,
-               all_formats: bool = True, meanwhile: Callable[[], T] | None = None
+               all_formats: bool, meanwhile: Callable[[], T] | None = None
                ) -> tuple[list[dict], T | None]:
     """Every job of :func:`export_jobs`, in ``export.workers`` processes (1: in this one), and
     ``meanwhile()`` in this process while the workers run (after the jobs, without workers).
