@@ -241,3 +241,65 @@ def test_merge_with_a_store_adds_folds_of_another_profile_to_the_store_only(tmp_
     prog = pd.read_csv(store / "grid_progress.csv").set_index(["model", "loss", "fold"])
     assert prog.loc[("mini_covidnet", "ce", 0), "state"] == "done"
     assert out["store"]["job_states"]["done"] == 1
+
+
+def test_weights_come_back_in_float16_for_the_chosen_folds_within_the_budget(tmp_path):
+    """``run-bundle --weights-folds 0 --weights-mib M``: fold 0's weights come back in
+    float16 while they fit, other folds' not at all; ``merge`` keeps the folds without weights
+    in the store only, saying why."""
+    import torch
+
+    from pipeline.grid.merge import merge
+    from pipeline.grid.offline import FOLD_OUTPUTS, ResultsArchive
+    from pipeline.grid.tasks import FoldTask
+    from pipeline.models.checkpoint import load_checkpoint, save_checkpoint
+
+    project = tmp_path / "bundle"
+    net = torch.nn.Linear(256, 256)  # 257 KiB of float32 weights
+    tasks = [FoldTask("mini_covidnet", "ce", 0), FoldTask("mini_covidnet", "ce", 1),
+             FoldTask("mini_covidnet", "focal", 0)]
+    for t in tasks:
+        fold = project / "models" / t.cell / f"fold_{t.fold}"
+        save_checkpoint(fold / "best.pt", net, model_cfg={}, classes=["a", "b", "c"], image_size=8)
+        for name, text in {**_fold_files(0.7, 3), "val_predictions.csv": "frame\n"}.items():
+            (fold / name).write_text(text)
+    (project / "train.log").write_text("log\n")
+    archive = ResultsArchive(tmp_path / "results.tar", project, weights_folds=[0],
+                             weights_mib=0.2)  # one float16 copy (129 KiB) fits, two do not
+    for i, t in enumerate(tasks):
+        archive.add_record({"task": t, "ok": True, "log": project / "train.log", "cut_off": False,
+                            "returncode": 0, "ended": 1_795_840_000 + i, "run_info": {}})
+    for name, text in {"bundle.json": json.dumps({"git_revision": "abc", "jobs": 3}),
+                       "params.yaml": yaml.safe_dump(compose(["experiment=paper"])),
+                       "machine.txt": "name\nNVIDIA H200, 1 MiB, 1\n",
+                       "done.txt": "".join(f"{line}\n" for line in archive.done),
+                       "weights.txt": "".join(f"{line}\n" for line in archive.weights)}.items():
+        archive.add_text(name, text)
+
+    with tarfile.open(archive.path) as tar:
+        names = set(tar.getnames())
+        weights = tar.extractfile("weights.txt").read().decode().splitlines()
+        tar.extract("models/mini_covidnet-ce/fold_0/best.pt", tmp_path / "x", filter="data")
+    back = load_checkpoint(tmp_path / "x" / "models/mini_covidnet-ce/fold_0/best.pt")
+    assert back["weights_dtype"] == "float16" and back["state_dict"]["weight"].dtype == torch.float16
+    assert torch.allclose(back["state_dict"]["weight"].float(), net.weight, atol=1e-3)
+    assert [n for n in names if n.endswith("best.pt")] == ["models/mini_covidnet-ce/fold_0/best.pt"]
+    assert {f"models/mini_covidnet-ce/fold_1/{f}" for f in FOLD_OUTPUTS if f != "best.pt"} <= names
+    assert weights[0].startswith("mini_covidnet-ce-0 float16 ")
+    assert "fold not in --weights-folds" in weights[1] and "would pass --weights-mib" in weights[2]
+
+    here = tmp_path / "project"  # its ce loss differs: only the focal fold could go to models/
+    here.mkdir()
+    (here / "params.yaml").write_text(yaml.safe_dump(compose(["experiment=paper",
+                                                             "losses.ce.label_smoothing=0.1"])))
+    store = tmp_path / "paper_gpu"
+    shutil.copytree(PROJECT_ROOT / "reports" / "paper_gpu" / "runs" / "folds",
+                    store / "runs" / "folds")
+    with pytest.raises(UserError, match="3 folds cannot go into models/"):
+        merge(archive.path, here)
+    out = merge(archive.path, here, store=store)
+    assert out["placed"] == [] and "losses.ce" in out["skipped"]["mini_covidnet-ce fold 0"]
+    assert out["skipped"]["mini_covidnet-focal fold 0"] == \
+        "its weights did not come back (weights.txt)"
+    assert sorted(p.parent.name for p in (store / "runs").glob("*/fold_*/metrics.json")) == \
+        ["fold_0", "fold_0", "fold_1"]

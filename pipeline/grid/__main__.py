@@ -112,14 +112,20 @@ def run_bundle_main(argv: list[str]) -> None:
                    help="stop trainings after this long; their partial histories come back")
     p.add_argument("--mps", action="store_true", help="run NVIDIA MPS while training")
     p.add_argument("--throughput", default=None, metavar="'ARGS'",
-                   help="then benchmark training throughput: `python -m pipeline.throughput "
-                        "ARGS`, e.g. '--models nasnet_mobile --batch-sizes 16 128 --steps 20'")
+                   help="first benchmark training throughput: `python -m pipeline.throughput "
+                        "ARGS`, e.g. '--models nasnet_mobile --batch-sizes 16 --cuda-graph both'")
     p.add_argument("--throughput-seconds", type=float, default=60.0)
+    p.add_argument("--weights-folds", nargs="+", type=int, default=None, metavar="K",
+                   help="folds whose best.pt comes back (default: every fold)")
+    p.add_argument("--weights-mib", type=float, default=None, metavar="MIB",
+                   help="weights come back in float16 while they fit in MIB (default: all, "
+                        "float32)")
     a = p.parse_args(argv)
     records = run_bundle(a.dir, out=a.out, parallel=a.parallel, gpus=a.gpus,
                          cpus_per_task=a.cpus_per_task, deadline_s=a.deadline, mps=a.mps,
                          throughput=shlex.split(a.throughput) if a.throughput else None,
-                         throughput_s=a.throughput_seconds)
+                         throughput_s=a.throughput_seconds, weights_folds=a.weights_folds,
+                         weights_mib=a.weights_mib)
     exit_on_failures([r for r in records if not r["cut_off"]], len(records))
 
 

@@ -34,13 +34,14 @@ FOLD_MEMBER = re.compile(r"^models/([^/]+)/fold_(\d+)/([^/]+)$")
 
 
 def finished_folds(tar: tarfile.TarFile) -> dict[tuple[str, int], dict[str, tarfile.TarInfo]]:
-    """``(cell, fold) -> {file name: member}`` of the folds whose every output came back."""
+    """``(cell, fold) -> {file name: member}`` of the folds whose every output came back (the
+    weights, ``best.pt``, may be missing: ``run-bundle --weights-folds/--weights-mib``)."""
     found: dict[tuple[str, int], dict[str, tarfile.TarInfo]] = {}
     for m in tar.getmembers():
         hit = FOLD_MEMBER.match(m.name)
         if m.isfile() and hit and hit.group(3) in FOLD_OUTPUTS:
             found.setdefault((hit.group(1), int(hit.group(2))), {})[hit.group(3)] = m
-    return {k: v for k, v in found.items() if set(v) == set(FOLD_OUTPUTS)}
+    return {k: v for k, v in found.items() if set(v) >= set(FOLD_OUTPUTS) - {"best.pt"}}
 
 
 def read_member(tar: tarfile.TarFile, name: str) -> bytes:
@@ -112,23 +113,27 @@ def merge(results: str | Path, project_dir: str | Path = ".", *,
             raise UserError(f"{results} has no finished fold (no models/<cell>/fold_<k>/ with "
                             f"all its outputs; its done.txt and log.txt say why); --store DIR "
                             f"keeps its logs and partial histories in a runs store")
-        placed, skipped = [], {}
+        skipped, ready = {}, []
         for (cell, k), members in sorted(folds.items()):
             model, loss = cell.rsplit("-", 1)
             diffs = param_differences(trained, params, model, loss)
             if diffs:
                 skipped[f"{cell} fold {k}"] = f"params.yaml differs in {', '.join(diffs)}"
-                continue
-            if not placed:
-                check_inputs(results, bundle, project, params)
-            place_fold(tar, project, FoldTask(model, loss, k), members)
-            placed.append(f"{cell} fold {k}")
-    for fold, reason in skipped.items():
-        log.warning("%s not put into models/: %s", fold, reason)
-    if skipped and store is None:
-        raise UserError(f"{results}: {len(skipped)} folds were trained with other parameters "
-                        f"than params.yaml's ({next(iter(skipped.values()))}); compose params.yaml "
-                        f"as the bundle's, or merge them into a runs store with --store DIR")
+            elif "best.pt" not in members:
+                skipped[f"{cell} fold {k}"] = "its weights did not come back (weights.txt)"
+            else:
+                ready.append((FoldTask(model, loss, k), members))
+        for fold, reason in skipped.items():
+            log.warning("%s not put into models/: %s", fold, reason)
+        if skipped and store is None:
+            raise UserError(f"{results}: {len(skipped)} folds cannot go into models/ "
+                            f"({next(iter(skipped.values()))}); compose params.yaml as the "
+                            f"bundle's, or merge them into a runs store with --store DIR")
+        if ready:
+            check_inputs(results, bundle, project, params)
+        for task, members in ready:
+            place_fold(tar, project, task, members)
+        placed = [str(task) for task, _ in ready]
     cells = sorted({f.split(" fold ")[0] for f in placed})
     incomplete = summarize_cells(project, params, cells)
     summary = None

@@ -206,18 +206,50 @@ def mps_daemon(enabled: bool) -> Iterator[bool]:
 
 
 class ResultsArchive:
-    """``results.tar``, appended to by the worker threads as their folds end."""
+    """``results.tar``, appended to by the worker threads as their folds end.
 
-    def __init__(self, path: Path, project: Path):
+    ``weights_folds`` (default: every fold) names the folds whose ``best.pt`` comes back; with
+    ``weights_mib`` they come back in float16, each while the weights so far fit in that many
+    MiB (a device that returns few bytes). A fold without its weights still brings back its
+    predictions, history and metrics; ``weights.txt`` lists what came back and what did not.
+    """
+
+    def __init__(self, path: Path, project: Path, weights_folds: Sequence[int] | None = None,
+                 weights_mib: float | None = None):
         self.path, self.project = path, project
+        self.weights_folds = None if weights_folds is None else set(weights_folds)
+        self.budget = None if weights_mib is None else int(weights_mib * 2**20)
+        self.weights_bytes = 0
         self.lock = threading.Lock()
         self.done: list[str] = []
+        self.weights: list[str] = []
         with tarfile.open(path, "w"):
             pass
 
     def add_text(self, name: str, text: str) -> None:
         with self.lock, tarfile.open(self.path, "a") as tar:
             _add_bytes(tar, name, text.encode())
+
+    def _weights_file(self, task: FoldTask, best: Path) -> Path | None:
+        """The file to archive as the fold's ``best.pt``, or None (noted in ``self.weights``)."""
+        if self.weights_folds is not None and task.fold not in self.weights_folds:
+            self.weights.append(f"{task.name} left out (fold not in --weights-folds)")
+            return None
+        if self.budget is None:
+            self.weights.append(f"{task.name} float32 {best.stat().st_size}")
+            return best
+        from pipeline.models.checkpoint import half_precision_copy
+
+        half = best.with_name("best.fp16.pt")
+        half_precision_copy(best, half)
+        size = half.stat().st_size
+        if self.weights_bytes + size > self.budget:
+            self.weights.append(f"{task.name} left out ({size} bytes in float16 would pass "
+                                f"--weights-mib)")
+            return None
+        self.weights_bytes += size
+        self.weights.append(f"{task.name} float16 {size}")
+        return half
 
     def add_record(self, record: dict[str, Any]) -> None:
         """A finished training: its log, and if it succeeded its fold outputs and run record."""
@@ -227,7 +259,11 @@ class ResultsArchive:
             if record["ok"]:
                 fold = Path("models") / task.cell / f"fold_{task.fold}"
                 for name in FOLD_OUTPUTS:
-                    tar.add(self.project / fold / name, str(fold / name))
+                    src = self.project / fold / name
+                    if name == "best.pt":
+                        src = self._weights_file(task, src)
+                    if src is not None:
+                        tar.add(src, str(fold / name))
                 _add_bytes(tar, f"{fold}.json", json.dumps(record["run_info"], indent=2).encode())
             code = "cut off" if record["cut_off"] else record["returncode"]
             self.done.append(f"{int(record['ended'])} {task.model} {task.loss} {task.fold} "
@@ -271,15 +307,48 @@ def benchmark_throughput(project: Path, args: Sequence[str], seconds: float,
             archive.add_text(f"throughput{suffix}", out.with_suffix(suffix).read_text())
 
 
+def check_graphs(project: Path, params_file: Path, params: dict[str, Any],
+                 archive: ResultsArchive) -> dict[str, Any]:
+    """With ``train.cuda_graph`` on a CUDA machine, run the CUDA-graph parity check
+    (``python -m pipeline.training.steps --check``) before any training; if it fails, the
+    trainings take eager steps (``params.yaml`` rewritten so, and that is the one that comes
+    back). Its result joins the archive as ``graph_check.json``."""
+    import torch
+
+    if not (get(params, "train.cuda_graph") and torch.cuda.is_available()):
+        return params
+    proc = subprocess.run([sys.executable, "-m", "pipeline.training.steps", "--check"],
+                          cwd=project, capture_output=True, text=True,
+                          env=fold_env(1, None, project))
+    try:
+        result = json.loads(proc.stdout.strip().splitlines()[-1])
+    except (IndexError, json.JSONDecodeError):
+        result = {"ok": False, "why": (proc.stdout + proc.stderr)[-2000:]}
+    archive.add_text("graph_check.json", json.dumps(result, indent=2) + "\n")
+    if result.get("ok"):
+        log.info("CUDA-graph parity check passed: %s", result)
+        return params
+    log.warning("CUDA-graph parity check failed (%s): the trainings take eager steps", result)
+    params = apply_overrides(params, ["train.cuda_graph=false"])
+    params_file.write_text(yaml.safe_dump(params, sort_keys=False))
+    return params
+
+
 def run_bundle(bundle_dir: str | Path, *, out: str | Path | None = None, parallel: int = 1,
                gpus: Sequence[str] | None = None, cpus_per_task: int | None = None,
                deadline_s: float | None = None, mps: bool = False,
-               throughput: Sequence[str] | None = None, throughput_s: float = 60.0
+               throughput: Sequence[str] | None = None, throughput_s: float = 60.0,
+               weights_folds: Sequence[int] | None = None, weights_mib: float | None = None
                ) -> list[dict[str, Any]]:
     """Train an unpacked bundle's jobs here with the local backend; write ``results.tar``
     (default: in the bundle). MLflow and DVC cannot be imported meanwhile, in this process and
-    in the trainings. ``throughput``: arguments of a training-throughput benchmark run
-    afterwards (``pipeline.throughput``), for ``throughput_s`` seconds taken from the deadline."""
+    in the trainings.
+
+    First comes the CUDA-graph parity check (:func:`check_graphs`), then, with ``throughput``,
+    a training-throughput benchmark (``pipeline.throughput`` with those arguments, alone on the
+    machine, for at most ``throughput_s`` seconds of the deadline), then the trainings.
+    ``weights_folds``/``weights_mib``: which weights come back (:class:`ResultsArchive`).
+    """
     sys.meta_path.insert(0, _BlockImports())  # type: ignore[arg-type]
     project = Path(bundle_dir).resolve()
     out = Path(out) if out else project / "results.tar"
@@ -287,27 +356,28 @@ def run_bundle(bundle_dir: str | Path, *, out: str | Path | None = None, paralle
     tasks = [FoldTask(j["model"], j["loss"], int(j["fold"]))
              for j in json.loads((project / "jobs.json").read_text())]
     started = time.monotonic()
-    archive = ResultsArchive(out, project)
+    archive = ResultsArchive(out, project, weights_folds, weights_mib)
+    archive.add_text("machine.txt", machine_text())
+    params = check_graphs(project, project / "params.yaml", params, archive)
     for name in ("bundle.json", "params.yaml"):
         archive.add_text(name, (project / name).read_text())
-    archive.add_text("machine.txt", machine_text())
     archive.add_text("jobs.txt", "".join(f"{t.model} {t.loss} {t.fold}\n" for t in tasks))
+    if throughput is not None:
+        benchmark_throughput(project, throughput, throughput_s, archive)
     with contextlib.chdir(project):
         warm_frame_cache(project, params)
     with mps_daemon(mps) as mps_on:
         records = run_local(project, tasks, (), parallel=parallel, gpus=gpus,
                             cpus_per_task=cpus_per_task, offline=True, code_root=project,
                             deadline_s=None if deadline_s is None
-                            else deadline_s - throughput_s * (throughput is not None)
-                            - (time.monotonic() - started),
+                            else deadline_s - (time.monotonic() - started),
                             on_done=archive.add_record)
     for name, text in partial_histories(project).items():
         archive.add_text(name, text)
-    if throughput is not None:
-        benchmark_throughput(project, throughput, throughput_s, archive)
     ok = sum(r["ok"] for r in records)
     wall = time.monotonic() - started
     archive.add_text("done.txt", "".join(f"{line}\n" for line in archive.done))
+    archive.add_text("weights.txt", "".join(f"{line}\n" for line in archive.weights))
     archive.add_text("log.txt", f"grid: {len(tasks)} jobs, {parallel} at a time"
                                 f"{' (MPS)' if mps_on else ''}\n{ok} done, "
                                 f"{len(records) - ok} failed or cut off, "

@@ -34,7 +34,8 @@ from pipeline.throughput import precision_kind, rate, step_kind
 
 STORE_FILES = ("test_predictions.csv", "history.csv", "metrics.json")
 FOLD_MEMBER = re.compile(r"^models/([^/]+)/fold_(\d+)/([^/]+)$")
-SESSION_FILES = ("machine.txt", "log.txt", "done.txt", "jobs.txt", "bundle.json")
+SESSION_FILES = ("machine.txt", "log.txt", "done.txt", "jobs.txt", "bundle.json",
+                 "graph_check.json", "weights.txt")
 LOG_EPOCH = re.compile(r"epoch (\d+)/(\d+): .*\| ([\d.]+)s$")
 LOG_DONE = re.compile(r"pooled accuracy ([\d.]+) over folds \[(\d+)\] in (\d+) s")
 GENERATOR = "`python -m pipeline.grid report-paper`"

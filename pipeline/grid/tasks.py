@@ -83,7 +83,8 @@ class FoldTask:
 
 def plan_tasks(params: Mapping, cells: Sequence[str] | None = None,
                folds: Sequence[int] | None = None) -> list[FoldTask]:
-    """The grid's (model, loss, fold) tasks, optionally narrowed to some cells and folds.
+    """The grid's (model, loss, fold) tasks, optionally narrowed to some cells and folds; in
+    the order of ``cells`` when given (the order a local run starts them), else the grid's.
 
     Raises:
         ConfigError: a cell or fold that is not in the grid of ``params``.
@@ -100,7 +101,8 @@ def plan_tasks(params: Mapping, cells: Sequence[str] | None = None,
         raise ConfigError(f"folds {bad} are not in train.folds {all_folds}")
     for m, l in grid:
         select_run(params, m, l)  # an unknown model/loss fails here, before any task starts
-    return [FoldTask(m, l, k) for (m, l), name in zip(grid, names) if not cells or name in cells
+    by_name = dict(zip(names, grid))
+    return [FoldTask(*by_name[name], k) for name in (dict.fromkeys(cells) if cells else names)
             for k in (folds if folds else all_folds)]
 
 

@@ -35,6 +35,20 @@ def save_checkpoint(path: str | Path, model: nn.Module, *, model_cfg: dict, clas
     os.replace(tmp, path)
 
 
+def half_precision_copy(src: str | Path, dst: str | Path) -> None:
+    """Write ``src`` again as ``dst`` with its floating-point weights in float16 (half the
+    bytes; :func:`load_model` casts them back to the model's float32). A tensor with values
+    outside float16's range keeps its dtype; the payload records ``weights_dtype``."""
+    ckpt = torch.load(src, map_location="cpu", weights_only=False)
+    limit = torch.finfo(torch.float16).max
+    ckpt["state_dict"] = {
+        k: v.half() if v.is_floating_point() and (v.numel() == 0 or bool(v.abs().max() <= limit))
+        else v
+        for k, v in ckpt["state_dict"].items()}
+    ckpt["weights_dtype"] = "float16"
+    torch.save(ckpt, dst)
+
+
 def load_checkpoint(path: str | Path) -> dict:
     path = Path(path)
     if not path.is_file():
