@@ -94,6 +94,13 @@ def fold_precision(metrics: dict, device: str) -> str:
     return precision_kind(metrics.get("precision") or {"amp_bf16": gpu, "channels_last": gpu})
 
 
+def fold_step(metrics: dict) -> str:
+    """``cuda graph`` when the fold's training steps were replayed from a CUDA graph
+    (``metrics.json``'s ``cuda_graph`` record), else ``eager``."""
+    return "cuda graph" if (metrics.get("cuda_graph") or {}).get("steps", {}).get("replay") \
+        else "eager"
+
+
 def session_logs(runs: Path) -> dict[str, tuple[Path, list[float], re.Match | None]]:
     """Per job (``<model>-<loss>-<fold>``): the log that finished, else the one that got
     furthest, with its epoch seconds and its final line."""
@@ -113,8 +120,8 @@ def job_state(runs: Path, m: str, loss: str, k: int, logs: dict, partial: dict) 
     """One job's row of ``grid_progress``: done, finished but outputs lost (log only), cut off
     at a deadline, or not run."""
     row = {"model": m, "loss": loss, "fold": k, "state": "not run", "epochs": None,
-           "best_epoch": None, "s_per_epoch": None, "test_accuracy": None, "precision": "",
-           "session": ""}
+           "best_epoch": None, "s_per_epoch": None, "test_accuracy": None, "device": "",
+           "precision": "", "step": "", "session": ""}
     d = runs / f"{m}-{loss}" / f"fold_{k}"
     log_entry = logs.get(f"{m}-{loss}-{k}")
     if (d / "test_predictions.csv").is_file():
@@ -123,7 +130,8 @@ def job_state(runs: Path, m: str, loss: str, k: int, logs: dict, partial: dict) 
         row.update(state="done", epochs=rec["epochs_run"], best_epoch=rec["best_epoch"],
                    s_per_epoch=rec["train_seconds"] / max(rec["epochs_run"], 1),
                    test_accuracy=rec["metrics"]["accuracy"], session=src["session"],
-                   precision=fold_precision(rec, src["gpu"]))
+                   device=src["gpu"], precision=fold_precision(rec, src["gpu"]),
+                   step=fold_step(rec))
     elif log_entry is not None:
         log_path, secs, done = log_entry
         row.update(epochs=len(secs), session=log_path.parent.parent.name,
@@ -228,7 +236,8 @@ def write_progress(dest: Path, prog: pd.DataFrame) -> dict:
         "machine and benchmark; `runs/README.md` how each ran). Seconds per epoch were measured with up to 13-14 trainings "
         "sharing the GPU (MPS); a session named after a CPU trained on that CPU, one fold at a "
         "time. Precision: bf16 autocast + channels-last on the GPUs, and on a CPU with "
-        "`train.cpu_amp`; fp32 otherwise. \"Log only\": the fold finished but its output files did not "
+        "`train.cpu_amp`; fp32 otherwise. Step: `cuda graph` when the training steps were "
+        "replayed from a CUDA graph (`train.cuda_graph`), else `eager`. \"Log only\": the fold finished but its output files did not "
         "come back from the device; its test accuracy is the one its log printed, and it is "
         "not in the pooled tables.\n\n"
         f"States: {json.dumps(counts)}\n\n" + prog.to_markdown(index=False, floatfmt=".3f") + "\n")
