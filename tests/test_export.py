@@ -301,3 +301,40 @@ def test_main_exports_every_fold_and_writes_parity_json(tmp_path, monkeypatch):
         export.main(["--run-dir", "models/tiny-ce", "--folds", "1"])
     summary = json.loads((out_dir / "parity.json").read_text())
     assert not summary["passed"] and [r["passed"] for r in summary["records"]] == [False]
+
+
+def test_export_paper_checks_every_test_frame_and_calibrates_full_int8_per_size(tmp_path,
+                                                                                   monkeypatch):
+    """``python -m pipeline.grid export-paper``: the stage's export code on a checkout's fold
+    models, parity on every test frame of the fold (from the split), full-int8 once per
+    calibration size, one JSON per size and a README table with a row per file."""
+    import pipeline.models.checkpoint
+    from pipeline.grid.paper_export import export_paper
+
+    (tmp_path / "models" / "tiny-ce" / "fold_0").mkdir(parents=True)
+    (tmp_path / "models" / "tiny-ce" / "fold_0" / "best.pt").write_bytes(b"stand-in")
+    monkeypatch.setattr(pipeline.models.checkpoint, "load_model",
+                        lambda path: (tiny_model(), {"image_size": SIZE, "classes": list("abc")}))
+    frames = []
+    monkeypatch.setattr(export, "_frames", lambda fold, split, size, limit: (
+        frames.append((split, limit)) or images(4, fold).numpy(), np.arange(4) % 3))
+    params = compose(["train.image_size=32", "export.workers=1",
+                      "export.formats=[onnx,tflite_int8_full]"])
+    (tmp_path / "params.yaml").write_text(yaml.safe_dump(params))
+    (tmp_path / params["folds"]["dir"]).mkdir(parents=True)
+    (tmp_path / params["folds"]["dir"] / "splits.csv").write_text(
+        "fold,source,split,frames\n0,a.mp4,test,30\n0,b.mp4,test,7\n0,c.mp4,train,50\n"
+        "1,a.mp4,train,30\n")
+    monkeypatch.chdir(tmp_path)
+
+    text = export_paper(["tiny-ce"], [8, 16], tmp_path / "out")
+    first = json.loads((tmp_path / "out" / "tiny-ce-calib8.json").read_text())
+    second = json.loads((tmp_path / "out" / "tiny-ce-calib16.json").read_text())
+    assert [r["format"] for r in first["records"]] == ["onnx", "tflite_int8_full"]
+    assert [r["format"] for r in second["records"]] == ["tflite_int8_full"]
+    assert first["calibration_frames"] == 8 and "file" not in first["records"][0]
+    # Parity on the fold's 37 test frames; calibration on 8, then 16, training frames.
+    assert ("test", 37) in frames and ("train", 8) in frames and ("train", 16) in frames
+    table = [line for line in text.splitlines() if line.startswith("| tiny-ce")]
+    assert len(table) == 3 and "Export of paper-trained models at 32 px" in text
+    assert (tmp_path / "out" / "README.md").read_text() == text

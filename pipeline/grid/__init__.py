@@ -24,7 +24,9 @@ For a machine without DVC, MLflow or network (``pipeline.grid.offline``)::
 
 ``report-paper`` and ``report-experiment`` regenerate the committed GPU reports from their runs
 store or archive (``pipeline.grid.runs_store``, ``pipeline.grid.archive_report``); ``latency``
-times the models at the study's input size (``pipeline.grid.latency``).
+times the models at the study's input size (``pipeline.grid.latency``); ``export-paper`` puts
+paper-trained fold models that came back from a session through the export stage's code
+(``pipeline.grid.paper_export``).
 """
 
 from __future__ import annotations

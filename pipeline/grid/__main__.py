@@ -1,7 +1,8 @@
 """``python -m pipeline.grid [COMMAND] ...``: see ``pipeline/grid/__init__.py``.
 
 Commands: (none) train the grid here; ``bundle``, ``run-bundle``, ``merge`` the offline round
-trip; ``report-paper``, ``report-experiment`` the committed GPU reports; ``latency``.
+trip; ``report-paper``, ``report-experiment`` the committed GPU reports; ``latency``;
+``export-paper`` (paper-trained models through the export stage's code).
 """
 
 from __future__ import annotations
@@ -13,7 +14,8 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
-COMMANDS = ("bundle", "run-bundle", "merge", "report-paper", "report-experiment", "latency")
+COMMANDS = ("bundle", "run-bundle", "merge", "report-paper", "report-experiment", "latency",
+            "export-paper")
 
 
 def _gpus(text: str) -> list[str]:
@@ -174,6 +176,19 @@ def latency_main(argv: list[str]) -> None:
     print(latency(a.models, a.size, a.out))
 
 
+def export_paper_main(argv: list[str]) -> None:
+    from pipeline.grid.paper_export import export_paper
+
+    p = argparse.ArgumentParser(prog="python -m pipeline.grid export-paper",
+                                description="Export paper-trained fold models at 224 px.")
+    p.add_argument("--cells", nargs="+", required=True, metavar="MODEL-LOSS")
+    p.add_argument("--calibration", nargs="+", type=int, default=[64], metavar="N",
+                   help="full-int8 calibration frames, one export per size (default: 64)")
+    p.add_argument("--out", type=Path, default=Path("reports/paper_gpu/export_224"))
+    a = p.parse_args(argv)
+    print(export_paper(a.cells, a.calibration, a.out))
+
+
 def main(argv: Sequence[str] | None = None) -> None:
     """Dispatch to the command named first, else train the grid."""
     argv = list(sys.argv[1:] if argv is None else argv)
@@ -182,7 +197,8 @@ def main(argv: Sequence[str] | None = None) -> None:
         report_main(command, rest)
     else:
         {"": train_main, "bundle": bundle_main, "run-bundle": run_bundle_main,
-         "merge": merge_main, "latency": latency_main}[command](rest)
+         "merge": merge_main, "latency": latency_main,
+         "export-paper": export_paper_main}[command](rest)
 
 
 if __name__ == "__main__":
