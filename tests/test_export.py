@@ -337,4 +337,9 @@ def test_export_paper_checks_every_test_frame_and_calibrates_full_int8_per_size(
     assert ("test", 37) in frames and ("train", 8) in frames and ("train", 16) in frames
     table = [line for line in text.splitlines() if line.startswith("| tiny-ce")]
     assert len(table) == 3 and "Export of paper-trained models at 32 px" in text
+    # A later call adds a calibration size; the table keeps the earlier files' rows.
+    text = export_paper(["tiny-ce"], [32], tmp_path / "out", full_int8_only=True)
+    later = json.loads((tmp_path / "out" / "tiny-ce-calib32.json").read_text())
+    assert [r["format"] for r in later["records"]] == ["tflite_int8_full"]
+    assert len([line for line in text.splitlines() if line.startswith("| tiny-ce")]) == 4
     assert (tmp_path / "out" / "README.md").read_text() == text

@@ -184,9 +184,11 @@ def export_paper_main(argv: list[str]) -> None:
     p.add_argument("--cells", nargs="+", required=True, metavar="MODEL-LOSS")
     p.add_argument("--calibration", nargs="+", type=int, default=[64], metavar="N",
                    help="full-int8 calibration frames, one export per size (default: 64)")
+    p.add_argument("--full-int8-only", action="store_true",
+                   help="full-int8 files alone (more calibration sizes for exported cells)")
     p.add_argument("--out", type=Path, default=Path("reports/paper_gpu/export_224"))
     a = p.parse_args(argv)
-    print(export_paper(a.cells, a.calibration, a.out))
+    print(export_paper(a.cells, a.calibration, a.out, a.full_int8_only))
 
 
 def main(argv: Sequence[str] | None = None) -> None:

@@ -6,7 +6,8 @@ back from a GPU session (``run-bundle --weights-folds``, merged). Every file is 
 PyTorch on every test frame of its fold (not the stage's ``export.parity_frames`` sample), so
 an accuracy change of one frame shows. Full-int8 TFLite is made once per calibration size
 (``export.calibration_frames``, frames of the training side of the fold). Writes
-``<out>/<cell>-calib<N>.json`` (the stage's ``parity.json`` content) and ``<out>/README.md``.
+``<out>/<cell>-calib<N>.json`` (the stage's ``parity.json`` content) and ``<out>/README.md``,
+a table of every JSON in ``<out>`` (so later calls add rows: another cell, a larger calibration).
 """
 
 from __future__ import annotations
@@ -36,9 +37,11 @@ def fold_test_frames(params: dict, fold: int) -> int:
     return int(part["frames"].sum())
 
 
-def export_cell(params: dict, cell: str, calibration: Sequence[int], out: Path) -> list[dict]:
-    """Export every fold model of ``models/<cell>``; full-int8 once per calibration size.
-    Returns the table rows and writes ``out/<cell>-calib<N>.json``."""
+def export_cell(params: dict, cell: str, calibration: Sequence[int], out: Path,
+                full_int8_only: bool = False) -> None:
+    """Export every fold model of ``models/<cell>`` in every format (all but full-int8 only
+    with the first calibration size, or none with ``full_int8_only``), full-int8 once per
+    calibration size; write ``out/<cell>-calib<N>.json``."""
     from pipeline.models.checkpoint import fold_checkpoints
     from pipeline.stages.export import export_config, export_run, summarize
 
@@ -47,10 +50,9 @@ def export_cell(params: dict, cell: str, calibration: Sequence[int], out: Path) 
         raise UserError(f"models/{cell} has no fold_<k>/best.pt: merge a results archive whose "
                         f"weights came back (run-bundle --weights-folds)")
     base = export_config(params)
-    rows = []
+    frames = max(fold_test_frames(params, k) for k in checkpoints)
     for i, n in enumerate(calibration):
-        formats = list(base["formats"]) if i == 0 else ["tflite_int8_full"]
-        frames = max(fold_test_frames(params, k) for k in checkpoints)
+        formats = ["tflite_int8_full"] if i or full_int8_only else list(base["formats"])
         cfg = export_config(apply_overrides(params, [
             f"export.formats=[{','.join(formats)}]", f"export.parity_frames={frames}",
             f"export.calibration_frames={n}", "export.all_formats_folds=null"]))
@@ -61,28 +63,38 @@ def export_cell(params: dict, cell: str, calibration: Sequence[int], out: Path) 
         (out / f"{cell}-calib{n}.json").write_text(json.dumps(
             {"run": cell, "calibration_frames": n, "per_format": summarize(records),
              "records": records}, indent=2) + "\n")
-        for r in records:
-            rows.append({"row": cell, "fold": r["fold"], "format": r["format"],
-                         "calibration frames": n if r["format"] == "tflite_int8_full" else None,
+
+
+def table_rows(out: Path) -> list[dict]:
+    """One row per exported file of every ``<cell>-calib<N>.json`` in ``out``."""
+    rows = []
+    docs = [json.loads(f.read_text()) for f in out.glob("*-calib*.json")]
+    for doc in sorted(docs, key=lambda d: (d["run"], d["calibration_frames"])):
+        for r in doc["records"]:
+            rows.append({"row": doc["run"], "fold": r["fold"], "format": r["format"],
+                         "calibration frames": doc["calibration_frames"]
+                         if r["format"] == "tflite_int8_full" else None,
                          "frames": r["n_frames"], "max |logit diff|": r["max_abs_diff"],
                          "relative": r["rel_max_abs_diff"], "top-1 agreement": r["top1_agreement"],
                          "PyTorch accuracy": r["accuracy_torch"],
                          "accuracy change (points)": 100 * r["accuracy_change"],
-                         "file MB": r["size_bytes"] / 2**20,
-                         "within tolerance": r["passed"]})
+                         "file MB": r["size_bytes"] / 2**20, "within tolerance": r["passed"]})
     return rows
 
 
-def export_paper(cells: Sequence[str], calibration: Sequence[int], out: Path) -> str:
-    """Export ``cells`` (run from a paper-profile checkout); write ``out`` and return its
-    README text."""
+def export_paper(cells: Sequence[str], calibration: Sequence[int], out: Path,
+                 full_int8_only: bool = False) -> str:
+    """Export ``cells`` (run from a paper-profile checkout) into ``out``; regenerate
+    ``out/README.md`` from every JSON there (earlier calls' too) and return its text."""
     from pipeline.deploy.edge_runner import device_info
 
     params = apply_overrides(load_params(), ["tracking.required=false"])
     size = int(get(params, "train.image_size"))
     out.mkdir(parents=True, exist_ok=True)
-    rows = [row for cell in cells for row in export_cell(params, cell, calibration, out)]
-    table = pd.DataFrame(rows, columns=COLUMNS).to_markdown(index=False, floatfmt=".4g")
+    for cell in cells:
+        export_cell(params, cell, calibration, out, full_int8_only)
+    table = pd.DataFrame(table_rows(out), columns=COLUMNS).to_markdown(index=False,
+                                                                       floatfmt=".4g")
     host = device_info()
     text = (f"# Export of paper-trained models at {size} px\n\n"
             "Generated by `python -m pipeline.grid export-paper` from the fold models that came "
@@ -91,8 +103,9 @@ def export_paper(cells: Sequence[str], calibration: Sequence[int], out: Path) ->
             "its fold: max |logit difference| (relative: over the largest |logit|), top-1 "
             "agreement, and the accuracy change from PyTorch's, in points. Tolerances are the "
             "`export.tolerance` gates of `conf/config.yaml` (int8 files are recorded, not "
-            "gated). Full-int8 is calibrated on training frames of the fold; each calibration "
-            f"size is one row. Machine: {host['cpu']} ({host['cores']} cores).\n\n"
+            "gated). Full-int8 (per-channel int8 weights, int8 activations) is calibrated on "
+            "training frames of the fold; each calibration size is one row. Machine: "
+            f"{host['cpu']} ({host['cores']} cores).\n\n"
             f"{table}\n")
     (out / "README.md").write_text(text)
     return text
