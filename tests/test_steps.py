@@ -161,3 +161,21 @@ def test_a_fold_trains_with_its_steps_captured(tmp_path, monkeypatch):
     assert graph["captured"] and not graph["failed"] and graph["steps"]["replay"] > 0
     history = pd.read_csv(tmp_path / "models" / "mini_covidnet-ce" / "fold_0" / "history.csv")
     assert history["train_loss"].notna().all() and len(history) == 3
+
+
+def test_predictions_are_float32_when_training_steps_run_in_bf16():
+    """A learner that trains under bf16 autocast (``amp``) still predicts in float32: its
+    logits equal the float32 model's exactly (autocast would round them to bf16 precision)."""
+    from pipeline.training.loop import Learner
+
+    model = steps.small_net()
+    opt = make_adam(model.parameters(), 1e-3, (0.9, 0.999), 0.0, torch.device("cpu"))
+    learner = Learner(model, nn.CrossEntropyLoss(), opt, torch.device("cpu"), amp=True)
+    images = torch.randint(0, 256, (8, 3, 12, 12), dtype=torch.uint8,
+                           generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        want = model.eval()(images.float() / 255)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            rounded = model(images.float() / 255).float()
+    assert not torch.equal(rounded, want)  # bf16 autocast does move these logits
+    assert torch.equal(learner.logits(images), want)

@@ -53,14 +53,18 @@ def to_input(x_uint8: torch.Tensor, device: torch.device, channels_last: bool) -
 
 @torch.no_grad()
 def predict_logits(model: torch.nn.Module, images: torch.Tensor, device: torch.device,
-                   batch_size: int = 64, amp: bool = False, channels_last: bool = False) -> torch.Tensor:
-    """Logits for uint8 images (N x 3 x S x S), in eval mode."""
+                   batch_size: int = 64, channels_last: bool = False) -> torch.Tensor:
+    """Logits for uint8 images (N x 3 x S x S), in eval mode and float32.
+
+    Never under bf16 autocast, which trains as well but moves logits enough to flip frames near
+    a tie: on fold 0 of the paper grid, bf16 and float32 predictions of Mini-COVIDNet differ on
+    13% of the test frames (``reports/paper_gpu/export_224/README.md``). Validation losses,
+    predictions and the exported files' parity checks all see the float32 model."""
     model.eval()
     outs = []
     for idx in batches(len(images), batch_size, None):
         x = to_input(images[idx], device, channels_last)
-        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp):
-            outs.append(model(x).float().cpu())
+        outs.append(model(x).float().cpu())
     return torch.cat(outs) if outs else torch.empty(0)
 
 
@@ -93,7 +97,7 @@ class Learner:
     graph: CudaGraphStep | None = None
 
     def logits(self, images: torch.Tensor) -> torch.Tensor:
-        return predict_logits(self.model, images, self.device, self.eval_batch_size, self.amp,
+        return predict_logits(self.model, images, self.device, self.eval_batch_size,
                               self.channels_last)
 
     def evaluate(self, images: torch.Tensor, labels: torch.Tensor) -> tuple[float, float]:
