@@ -307,7 +307,9 @@ def test_export_paper_checks_every_test_frame_and_calibrates_full_int8_per_size(
                                                                                    monkeypatch):
     """``python -m pipeline.grid export-paper``: the stage's export code on a checkout's fold
     models, parity on every test frame of the fold (from the split), full-int8 once per
-    calibration size, one JSON per size and a README table with a row per file."""
+    calibration size, PyTorch under bf16 autocast against float32, one JSON per size and a
+    README table with a row per file."""
+    import pipeline.data.loading
     import pipeline.models.checkpoint
     from pipeline.grid.paper_export import export_paper
 
@@ -318,6 +320,10 @@ def test_export_paper_checks_every_test_frame_and_calibrates_full_int8_per_size(
     frames = []
     monkeypatch.setattr(export, "_frames", lambda fold, split, size, limit: (
         frames.append((split, limit)) or images(4, fold).numpy(), np.arange(4) % 3))
+    monkeypatch.setattr(pipeline.data.loading, "load_split_images",
+                        lambda fold, split, size, limit, params: (
+                            frames.append((split, limit)) or images(4, fold).mul(255).byte(),
+                            torch.arange(4) % 3))
     params = compose(["train.image_size=32", "export.workers=1",
                       "export.formats=[onnx,tflite_int8_full]"])
     (tmp_path / "params.yaml").write_text(yaml.safe_dump(params))
@@ -335,11 +341,15 @@ def test_export_paper_checks_every_test_frame_and_calibrates_full_int8_per_size(
     assert first["calibration_frames"] == 8 and "file" not in first["records"][0]
     # Parity on the fold's 37 test frames; calibration on 8, then 16, training frames.
     assert ("test", 37) in frames and ("train", 8) in frames and ("train", 16) in frames
+    bf16 = json.loads((tmp_path / "out" / "tiny-ce-bf16.json").read_text())["records"]
+    assert [(r["format"], r["n_frames"]) for r in bf16] == [("torch_bf16_autocast", 4)]
+    assert 0 < bf16[0]["max_abs_diff"] < 0.1  # bf16 rounding: small, never zero
     table = [line for line in text.splitlines() if line.startswith("| tiny-ce")]
-    assert len(table) == 3 and "Export of paper-trained models at 32 px" in text
+    assert len(table) == 4 and "Export of paper-trained models at 32 px" in text
+    assert "torch_bf16_autocast" in table[-1]
     # A later call adds a calibration size; the table keeps the earlier files' rows.
     text = export_paper(["tiny-ce"], [32], tmp_path / "out", full_int8_only=True)
     later = json.loads((tmp_path / "out" / "tiny-ce-calib32.json").read_text())
     assert [r["format"] for r in later["records"]] == ["tflite_int8_full"]
-    assert len([line for line in text.splitlines() if line.startswith("| tiny-ce")]) == 4
+    assert len([line for line in text.splitlines() if line.startswith("| tiny-ce")]) == 5
     assert (tmp_path / "out" / "README.md").read_text() == text
