@@ -307,3 +307,27 @@ def test_weights_come_back_in_float16_for_the_chosen_folds_within_the_budget(tmp
         "its weights did not come back (weights.txt)"
     assert sorted(p.parent.name for p in (store / "runs").glob("*/fold_*/metrics.json")) == \
         ["fold_0", "fold_0", "fold_1"]
+
+
+def test_a_failed_graph_check_makes_the_trainings_take_eager_steps(tmp_path, monkeypatch):
+    """``run-bundle`` on a machine that reports CUDA but whose parity check fails (here: the
+    check's process sees no GPU): ``train.cuda_graph`` is turned off in the bundle's
+    ``params.yaml`` before any training, and the check's result joins the archive."""
+    import torch
+
+    from pipeline.grid.offline import ResultsArchive, check_graphs
+
+    project = tmp_path / "bundle"
+    project.mkdir()
+    params = compose(["train.cuda_graph=true"])
+    (project / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+    archive = ResultsArchive(tmp_path / "results.tar", project)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)  # this process only
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "")  # the check's process sees no GPU
+
+    out = check_graphs(project, project / "params.yaml", params, archive)
+    assert out["train"]["cuda_graph"] is False
+    assert yaml.safe_load((project / "params.yaml").read_text())["train"]["cuda_graph"] is False
+    with tarfile.open(archive.path) as tar:
+        check = json.loads(tar.extractfile("graph_check.json").read())
+    assert check == {"ok": False, "why": "no CUDA device"}
