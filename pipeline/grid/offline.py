@@ -8,13 +8,16 @@ omegaconf==2.3.1 antlr4-python3-runtime==4.9.3 timm==1.0.31 pytorchcv==0.0.74``;
 needs Python with PyTorch, NumPy, pandas, SciPy, scikit-learn, OpenCV, PyYAML and filelock)
 and ``run.py``.
 
-``python run.py [--parallel N] [--gpus 0,1] [--deadline S] [--mps] [--throughput ARGS]``
-(there) installs the wheels into the bundle, then trains the jobs with the local backend, MLflow
-and DVC imports blocked, and optionally benchmarks training throughput afterwards.
-Each finished fold is appended to ``results.tar`` as it ends, so a run killed from outside keeps
-it: its ``models/<cell>/fold_<k>/`` outputs (weights included), its run record and its log. At
-the end come the per-epoch history of every fold cut off by the deadline (``partial/``),
-``done.txt`` (one line per ended job) and ``log.txt``.
+``python run.py [--parallel N] [--gpus 0,1] [--deadline S] [--mps] [--throughput ARGS]
+[--weights-folds K ...] [--weights-mib M]`` (there) installs the wheels into the bundle, runs
+the CUDA-graph parity check when ``train.cuda_graph`` is on (eager steps if it fails), then any
+training-throughput benchmark, then trains the jobs with the local backend, MLflow and DVC
+imports blocked. Each finished fold is appended to ``results.tar`` as it ends, so a run killed
+from outside keeps it: its ``models/<cell>/fold_<k>/`` outputs (weights as ``--weights-*``
+allow), its run record and its log. At the end come the per-epoch history of every fold cut
+off by the deadline (``partial/``; its resume state stays in the bundle: ``run.py`` again there,
+with ``jobs.json`` narrowed to the jobs left, continues it), ``done.txt`` (one line per ended
+job), ``weights.txt`` and ``log.txt``.
 
 ``merge`` (here) puts the finished folds into ``models/<cell>/`` when ``params.yaml`` holds the
 parameters they were trained with, writes the cells' summaries, and with ``--store`` adds them
