@@ -78,6 +78,11 @@ def test_sessions_merge_into_the_runs_store_and_every_job_has_a_state(tmp_path):
     assert (done["state"], done["epochs"], done["test_accuracy"], done["s_per_epoch"]) == ("done", 10, 0.75, 2.0)
     assert done["precision"] == "bf16 + channels-last"  # a GPU fold from before the record
     assert (done["device"], done["step"]) == ("NVIDIA H200", "eager")  # no cuda_graph record
+    costs = collect.session_costs(runs, prog.reset_index())
+    assert costs.to_dict("records") == [
+        {"session": sid, "device": "NVIDIA H200", "grid seconds": 100, "jobs ended": 1,
+         "folds done": 1},
+        {"session": "total", "device": "", "grid seconds": 100, "jobs ended": 1, "folds done": 1}]
     log_only = prog.loc[("resnet50", "ce", 3)]
     assert log_only["state"].startswith("finished; outputs not retrieved")
     assert (log_only["test_accuracy"], log_only["epochs"], log_only["s_per_epoch"]) == (0.612, 2, 5.0)

@@ -139,3 +139,17 @@ def test_published_rows_follow_the_input_size():
     assert published_for(pub, 224)["rows"]["resnet18-ce"] == {"accuracy": 0.864, "auc": 0.956}
     assert published_for(pub, 64)["rows"] == pub["rows"]  # no rows for the size: the default ones
     assert published_for({}, 224) == {}
+
+
+def test_provenance_names_the_code_that_trained_the_runs():
+    """Runs trained elsewhere (a GPU session's bundle) carry their code revision; the footer
+    names it, and this checkout's revision only for runs that record none."""
+    from pipeline.core.tracking import git_revision
+    from pipeline.stages.report import provenance
+
+    params = compose([])
+    elsewhere = provenance(params, {"a-ce": {"code_revision": "52ece572d3cf"},
+                                    "a-focal": {"code_revision": "52ece572d3cf"}})
+    assert elsewhere.endswith("; code 52ece572d3cf")
+    here = provenance(params, {"a-ce": {}})
+    assert here.endswith(f"; code {git_revision()[:12]}")

@@ -62,11 +62,15 @@ def provenance(params: Mapping, runs: Mapping[str, dict]) -> str:
                 else "unpinned")
     inits = sorted({r.get("init", "?") for r in runs.values()})
     devices = sorted({r.get("device_name", "?") for r in runs.values()})
+    # The code that trained the runs where they record it (runs trained elsewhere), else this
+    # checkout's.
+    code = sorted({r.get("code_revision") or git_revision()[:12] for r in runs.values()}) \
+        or [git_revision()[:12]]
     r0 = next(iter(runs.values()), {})
     return (f"profile {params.get('profile')} ({r0.get('image_size')} px, {r0.get('epochs')} epochs, "
             f"frames/source {r0.get('max_frames_per_source') or 'all'}); data {ds['name']} "
             f"(checksum list {data_rev}); validation {get(params, 'folds.validation')}; "
-            f"init {', '.join(inits)}; device {', '.join(devices)}; code {git_revision()[:12]}")
+            f"init {', '.join(inits)}; device {', '.join(devices)}; code {', '.join(code)}")
 
 
 def ci_text(boot: Mapping, key: str) -> str:
