@@ -13,7 +13,6 @@ a table of every JSON in ``<out>`` (so later calls add rows: another cell, a lar
 from __future__ import annotations
 
 import json
-import logging
 import tempfile
 from collections.abc import Sequence
 from pathlib import Path
@@ -22,8 +21,6 @@ import pandas as pd
 
 from pipeline.core.cli import UserError
 from pipeline.core.config import apply_overrides, get, load_params
-
-log = logging.getLogger("pipeline.grid")
 
 COLUMNS = ["row", "fold", "format", "calibration frames", "frames", "max |logit diff|",
            "relative", "tolerance", "top-1 agreement", "PyTorch accuracy",
@@ -39,9 +36,9 @@ def fold_test_frames(params: dict, fold: int) -> int:
 
 def export_cell(params: dict, cell: str, calibration: Sequence[int], out: Path,
                 full_int8_only: bool = False) -> None:
-    """Export every fold model of ``models/<cell>`` in every format (all but full-int8 only
-    with the first calibration size, or none with ``full_int8_only``), full-int8 once per
-    calibration size; write ``out/<cell>-calib<N>.json``."""
+    """Export every fold model of ``models/<cell>``: in every format of ``export.formats`` with
+    the first calibration size (full-int8 alone with ``full_int8_only``), then in full-int8
+    once per further calibration size; write ``out/<cell>-calib<N>.json`` per size."""
     from pipeline.models.checkpoint import fold_checkpoints
     from pipeline.stages.export import export_config, export_run, summarize
 
