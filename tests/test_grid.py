@@ -315,3 +315,19 @@ def test_offline_deadline_cuts_a_fold_off_and_brings_back_its_partial_history(tm
     assert len(history) >= 1 and list(history["epoch"]) == list(range(len(history)))
     with pytest.raises(UserError, match="no models/"):
         merge(results, project)
+
+
+def test_tasks_follow_the_order_of_the_cells_asked_for():
+    """``--cells`` in the order a local run should start them (rows that finish first go
+    first); without it, the grid's order; an unknown cell is refused by name."""
+    from pipeline.core.config import ConfigError, compose
+    from pipeline.grid.tasks import plan_tasks
+
+    params = compose(["experiment=paper"])
+    tasks = plan_tasks(params, ["pocovidnet-focal", "mini_covidnet-ce", "pocovidnet-focal"], [0, 1])
+    assert [str(t) for t in tasks] == ["pocovidnet-focal fold 0", "pocovidnet-focal fold 1",
+                                       "mini_covidnet-ce fold 0", "mini_covidnet-ce fold 1"]
+    assert [t.cell for t in plan_tasks(params)][::5][:3] == \
+        ["mini_covidnet-ce", "mini_covidnet-focal", "mobilenet_v2-ce"]
+    with pytest.raises(ConfigError, match="nasnet-ce"):
+        plan_tasks(params, ["nasnet-ce"])
