@@ -330,7 +330,7 @@ def test_a_failed_graph_check_makes_the_trainings_take_eager_steps(tmp_path, mon
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)  # this process only
     monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "")  # the check's process sees no GPU
 
-    out = check_graphs(project, project / "params.yaml", params, archive)
+    out = check_graphs(project, params, archive)
     assert out["train"]["cuda_graph"] is False
     assert yaml.safe_load((project / "params.yaml").read_text())["train"]["cuda_graph"] is False
     with tarfile.open(archive.path) as tar:

@@ -310,12 +310,12 @@ def benchmark_throughput(project: Path, args: Sequence[str], seconds: float,
             archive.add_text(f"throughput{suffix}", out.with_suffix(suffix).read_text())
 
 
-def check_graphs(project: Path, params_file: Path, params: dict[str, Any],
-                 archive: ResultsArchive) -> dict[str, Any]:
+def check_graphs(project: Path, params: dict[str, Any], archive: ResultsArchive
+                 ) -> dict[str, Any]:
     """With ``train.cuda_graph`` on a CUDA machine, run the CUDA-graph parity check
     (``python -m pipeline.training.steps --check``) before any training; if it fails, the
-    trainings take eager steps (``params.yaml`` rewritten so, and that is the one that comes
-    back). Its result joins the archive as ``graph_check.json``."""
+    trainings take eager steps (the bundle's ``params.yaml`` rewritten so, and that is the one
+    that comes back). Its result joins the archive as ``graph_check.json``."""
     import torch
 
     if not (get(params, "train.cuda_graph") and torch.cuda.is_available()):
@@ -333,7 +333,7 @@ def check_graphs(project: Path, params_file: Path, params: dict[str, Any],
         return params
     log.warning("CUDA-graph parity check failed (%s): the trainings take eager steps", result)
     params = apply_overrides(params, ["train.cuda_graph=false"])
-    params_file.write_text(yaml.safe_dump(params, sort_keys=False))
+    (project / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
     return params
 
 
@@ -361,7 +361,7 @@ def run_bundle(bundle_dir: str | Path, *, out: str | Path | None = None, paralle
     started = time.monotonic()
     archive = ResultsArchive(out, project, weights_folds, weights_mib)
     archive.add_text("machine.txt", machine_text())
-    params = check_graphs(project, project / "params.yaml", params, archive)
+    params = check_graphs(project, params, archive)
     for name in ("bundle.json", "params.yaml"):
         archive.add_text(name, (project / name).read_text())
     archive.add_text("jobs.txt", "".join(f"{t.model} {t.loss} {t.fold}\n" for t in tasks))

@@ -64,8 +64,8 @@ def provenance(params: Mapping, runs: Mapping[str, dict]) -> str:
     devices = sorted({r.get("device_name", "?") for r in runs.values()})
     # The code that trained the runs where they record it (runs trained elsewhere), else this
     # checkout's.
-    code = sorted({r.get("code_revision") or git_revision()[:12] for r in runs.values()}) \
-        or [git_revision()[:12]]
+    here = git_revision()[:12]
+    code = sorted({r.get("code_revision") or here for r in runs.values()}) or [here]
     r0 = next(iter(runs.values()), {})
     return (f"profile {params.get('profile')} ({r0.get('image_size')} px, {r0.get('epochs')} epochs, "
             f"frames/source {r0.get('max_frames_per_source') or 'all'}); data {ds['name']} "
