@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import shutil
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -144,6 +145,31 @@ def test_onnx_exporter_traces_once_and_writes_each_model_with_its_own_weights(tm
         exporter.save(TinyNet(classes=5).eval(), tmp_path / "other.onnx")
 
 
+def test_onnx_exporter_reads_the_trace_of_its_architecture_from_the_cache(tmp_path,
+                                                                          monkeypatch):
+    """A second process exporting the same architecture (another loss, another run) reads the
+    kept graph instead of tracing; another architecture, size or opset is another key."""
+    cache, x = tmp_path / "traces", images(5, 3)
+    formats.OnnxExporter(SIZE, EXPORT["opset"], cache).save(tiny_model(0), tmp_path / "a.onnx")
+    assert [p.name for p in cache.iterdir()] == [
+        f"{formats.trace_key(tiny_model(0), SIZE, EXPORT['opset'])}.onnx"]
+
+    def no_tracing(*args, **kwargs):
+        raise AssertionError("traced although the cache holds this architecture")
+
+    monkeypatch.setattr(torch.onnx, "export", no_tracing)
+    model = tiny_model(1)
+    path = formats.OnnxExporter(SIZE, EXPORT["opset"], cache).save(model, tmp_path / "b.onnx")
+    np.testing.assert_allclose(edge_runner.OnnxModel(path)(x.numpy()), model(x).detach().numpy(),
+                               atol=1e-5)
+    keys = {formats.trace_key(tiny_model(0), SIZE, EXPORT["opset"]),
+            formats.trace_key(tiny_model(1), SIZE, EXPORT["opset"]),  # weights: not in the key
+            formats.trace_key(TinyNet(classes=5), SIZE, EXPORT["opset"]),
+            formats.trace_key(tiny_model(0), SIZE * 2, EXPORT["opset"]),
+            formats.trace_key(tiny_model(0), SIZE, EXPORT["opset"] - 1)}
+    assert len(keys) == 4
+
+
 def test_onnx_exporter_falls_back_to_torchscript_when_dynamo_cannot_trace(tmp_path, monkeypatch,
                                                                         caplog):
     export_onnx = torch.onnx.export
@@ -239,6 +265,26 @@ def test_export_workers_log_each_file(capfd):
                              initializer=export._worker_setup) as pool:
         pool.submit(_log_a_file_line).result()
     assert "INFO pipeline.deploy.formats: ok   probe.onnx" in capfd.readouterr().err
+
+
+def test_export_run_hands_the_first_jobs_records_to_meanwhile_before_the_others(monkeypatch):
+    """The ONNX job runs in the stage's own process and its records go to ``meanwhile`` (the
+    MLflow logging of the models) before the TFLite jobs end; the records come back sorted."""
+    calls = []
+
+    def job(folds, fmts, checkpoints, cfg, out_root, trace_cache=None):
+        calls.append((list(folds), list(fmts)))
+        return [{"fold": k, "format": f} for k in folds for f in fmts]
+
+    monkeypatch.setattr(export, "export_job", job)
+    cfg = {**EXPORT, "formats": ["onnx", "tflite_fp32"], "all_formats_folds": None, "workers": 1}
+    records, seen = export.export_run({0: Path("a"), 1: Path("b")}, cfg, Path("out"), True,
+                                      meanwhile=lambda first: (list(calls), first))
+    assert seen == ([([0, 1], ["onnx"])], [{"fold": 0, "format": "onnx"},
+                                            {"fold": 1, "format": "onnx"}])
+    assert calls == [([0, 1], ["onnx"]), ([0], ["tflite_fp32"]), ([1], ["tflite_fp32"])]
+    assert [(r["fold"], r["format"]) for r in records] == [
+        (0, "onnx"), (0, "tflite_fp32"), (1, "onnx"), (1, "tflite_fp32")]
 
 
 def test_main_exports_every_fold_and_writes_parity_json(tmp_path, monkeypatch):

@@ -29,7 +29,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-from collections.abc import Iterable, Iterator, Mapping
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
@@ -345,24 +345,20 @@ def log_fold_models(tracker: Tracker, model: Any, fold: int, checkpoint: Path, e
             tracker.safely(mlflow.log_metrics, dict(onnx_metrics), model_id=info.model_id)
 
 
-def log_export(params: Mapping, cell: str, summary: Mapping, fold_models: Mapping[int, tuple],
-               models_dir: Path = Path("models")) -> None:
-    """Stage export: parity and sizes per format, the logged models of ``fold_models``
-    (``{fold: (model, example frames)}``) and every TFLite file as an artifact."""
-    with ResultLog(params, "export").cell(cell, models_dir) as tracker:
+def log_export_models(results: ResultLog, cell: str, records: Sequence[Mapping],
+                      fold_models: Mapping[int, tuple], models_dir: Path = Path("models")) -> None:
+    """Stage export: the logged models of ``fold_models`` (``{fold: (model, example
+    frames)}``), each PyTorch model beside its ONNX file of ``records``."""
+    with results.cell(cell, models_dir) as tracker:
         if tracker is None:
             return
-        tracker.log_metrics(parity_metrics(summary))
-        import pandas as pd
-
-        tracker.log_table(pd.DataFrame(summary["records"]), "export/parity.json")
         for fold, (model, example) in fold_models.items():
-            fold_dir = models_dir / cell / f"fold_{fold}"
-            test = json.loads((fold_dir / "metrics.json").read_text())["metrics"]
-            records = [r for r in summary["records"] if r.get("fold") == fold]
-            onnx_rec = next((r for r in records if r["format"] == "onnx"), None)
+            onnx_rec = next((r for r in records
+                             if r.get("fold") == fold and r["format"] == "onnx"), None)
             if onnx_rec is None:
                 continue
+            fold_dir = models_dir / cell / f"fold_{fold}"
+            test = json.loads((fold_dir / "metrics.json").read_text())["metrics"]
             # The run's metrics are the models' too; these name the model's own fold and file.
             onnx_metrics = numbers({k: onnx_rec.get(k) for k in
                                     ("max_abs_diff", "top1_agreement", "accuracy_change")},
@@ -372,9 +368,21 @@ def log_export(params: Mapping, cell: str, summary: Mapping, fold_models: Mappin
                                                              "auc_ovr")}, f"fold_{fold}.test")
             log_fold_models(tracker, model, fold, fold_dir / "best.pt", example,
                             Path(onnx_rec["file"]), test_metrics, onnx_metrics)
-            for r in records:
-                if r["format"].startswith("tflite"):
-                    tracker.log_artifact(r["file"], f"tflite/fold_{fold}")
+
+
+def log_export(results: ResultLog, cell: str, summary: Mapping,
+               models_dir: Path = Path("models")) -> None:
+    """Stage export: parity and sizes per format, and every TFLite file as an artifact."""
+    with results.cell(cell, models_dir) as tracker:
+        if tracker is None:
+            return
+        tracker.log_metrics(parity_metrics(summary))
+        import pandas as pd
+
+        tracker.log_table(pd.DataFrame(summary["records"]), "export/parity.json")
+        for r in summary["records"]:
+            if r["format"].startswith("tflite"):
+                tracker.log_artifact(r["file"], f"tflite/fold_{r['fold']}")
 
 
 # --- benchmark, binary_eval, report -----------------------------------------------------------

@@ -150,13 +150,6 @@ def git_revision() -> str:
         return "unknown"
 
 
-def import_mlflow() -> None:
-    """Import MLflow and its SQL store, a few seconds of a stage's start-up; a stage that
-    waits on other work can do it meanwhile (:class:`Tracker` then finds them loaded)."""
-    import mlflow  # noqa: F401
-    import mlflow.store.tracking.sqlalchemy_store  # noqa: F401
-
-
 class Tracker:
     """A parent run with child runs; every call is a no-op once tracking is disabled."""
 

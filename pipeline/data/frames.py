@@ -239,7 +239,9 @@ def _sample_video(cap: cv2.VideoCapture, item: InputFile, fps: float, base: dict
     index = 0
     exhausted = False
     while len(res.rows) < max_frames:
-        ok, frame = cap.read()
+        sample = index % step == 0
+        # Frames between samples are only grabbed: decoded, never converted to an image.
+        ok, frame = cap.read() if sample else (cap.grab(), None)
         if not ok:
             exhausted = True
             break
@@ -247,7 +249,7 @@ def _sample_video(cap: cv2.VideoCapture, item: InputFile, fps: float, base: dict
             res.excluded = too_small(frame.shape[1], frame.shape[0], min_side, "video frames")
             if res.excluded:
                 return None
-        if index % step == 0:
+        if sample:
             frame = to_rgb8(frame)
             name = _frame_name(item.source, index)
             write(frame, name)

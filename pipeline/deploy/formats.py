@@ -81,10 +81,17 @@ class OnnxExporter:
     that graph and runs the exporter's own last step, the ONNX optimizer (constant folding,
     fusions): a fraction of a second where tracing takes many. When dynamo cannot trace the
     model, each :meth:`save` runs the TorchScript exporter on its model instead.
+
+    With ``cache_dir``, the traced graph is also kept there under :func:`trace_key` of the
+    model, so that another process exporting the same architecture (the other loss of a grid
+    model, a rerun after retraining) reads it instead of tracing again. Every file written from
+    it is still checked against PyTorch by the caller, as any other.
     """
 
-    def __init__(self, image_size: int, opset: int | None = None):
+    def __init__(self, image_size: int, opset: int | None = None,
+                 cache_dir: str | Path | None = None):
         self.image_size, self.opset = int(image_size), opset
+        self.cache_dir = Path(cache_dir) if cache_dir else None
         self._graph: bytes | None = None
         self._dynamo = True
 
@@ -122,8 +129,16 @@ class OnnxExporter:
         return torch.rand(2, 3, self.image_size, self.image_size)
 
     def _trace(self, model: nn.Module) -> None:
-        """The unoptimized dynamo graph of ``model``, kept serialized; on failure, note that
-        this architecture goes through the TorchScript exporter."""
+        """The unoptimized dynamo graph of ``model``, kept serialized (read from ``cache_dir``
+        when a trace of this architecture is there, written there when not); on failure, note
+        that this architecture goes through the TorchScript exporter."""
+        cached = None
+        if self.cache_dir is not None:
+            cached = self.cache_dir / f"{trace_key(model, self.image_size, self.opset)}.onnx"
+            if cached.is_file():
+                self._graph = cached.read_bytes()
+                log.info("ONNX graph of %s from %s", type(model).__name__, cached)
+                return
         batch = torch.export.Dim("batch", min=1, max=4096)
         try:
             with torch.no_grad():
@@ -132,6 +147,11 @@ class OnnxExporter:
                                             input_names=[INPUT_NAME], output_names=[OUTPUT_NAME],
                                             opset_version=self.opset, verbose=False)
             self._graph = program.model_proto.SerializeToString()
+            if cached is not None:
+                cached.parent.mkdir(parents=True, exist_ok=True)
+                partial = cached.with_name(f"{cached.name}.{os.getpid()}.part")
+                partial.write_bytes(self._graph)
+                os.replace(partial, cached)  # whole or absent for another process reading it
         except Exception as exc:  # noqa: BLE001 - any dynamo failure: the legacy exporter may cope
             self._dynamo = False
             log.warning("dynamo ONNX export failed (%s: %s); using the TorchScript exporter",
@@ -158,6 +178,26 @@ class OnnxExporter:
         program = torch.onnx.ONNXProgram(graph, None)
         program.optimize()  # the step torch.onnx.export(optimize=True) ends with
         program.save(path, external_data=False)
+
+
+def trace_key(model: nn.Module, image_size: int, opset: int | None) -> str:
+    """Digest of what an ONNX trace of ``model`` depends on: its module tree as printed, the
+    names, shapes and dtypes of its tensors, the source files of its module classes, the input
+    size, the opset and the versions of torch and the ONNX packages. The weights' values are not
+    in it: :class:`OnnxExporter` writes those into the graph for every file."""
+    import hashlib
+    import inspect
+    import json
+    from importlib.metadata import version
+
+    sources = sorted({inspect.getsourcefile(type(m)) or "" for m in model.modules()} - {""})
+    parts = [repr(model), int(image_size), opset,
+             [(name, list(t.shape), str(t.dtype)) for name, t in model.state_dict().items()],
+             {pkg: version(pkg) for pkg in ("torch", "onnx", "onnxscript", "onnx-ir")}]
+    h = hashlib.sha256(json.dumps(parts).encode())
+    for source in sources:
+        h.update(Path(source).read_bytes())
+    return h.hexdigest()[:32]
 
 
 def export_onnx(model: nn.Module, path: str | Path, image_size: int,

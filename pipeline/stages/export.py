@@ -1,7 +1,8 @@
 """Stage ``export``: each fold's model of a run to ONNX and TFLite (:mod:`pipeline.deploy.formats`),
 every file checked against PyTorch on real frames of its fold; ``parity.json`` records every file
 (also the failing ones), then the stage fails naming each file over its tolerance. The work runs
-as jobs (:func:`export_jobs`) in ``export.workers`` processes; a run's ONNX files share one trace.
+as jobs (:func:`export_jobs`) in ``export.workers`` processes; a run's ONNX files share one trace,
+kept in ``.cache/onnx_traces/`` for the next run of the same architecture.
 
     python -m pipeline.stages.export --run-dir models/mini_covidnet-ce
 """
@@ -12,6 +13,7 @@ import argparse
 import json
 import logging
 from collections.abc import Callable, Mapping, Sequence
+from contextlib import ExitStack
 from pathlib import Path
 from typing import TypeVar
 
@@ -21,6 +23,8 @@ from pipeline.deploy.formats import FORMATS, check_parity, export_model
 
 log = logging.getLogger("pipeline.stages.export")
 T = TypeVar("T")
+
+TRACE_CACHE = Path(".cache/onnx_traces")
 
 
 def export_config(params: Mapping) -> dict:
@@ -104,9 +108,10 @@ def export_jobs(folds: Sequence[int], cfg: Mapping, all_formats: bool
 
 
 def export_job(folds: Sequence[int], formats: Sequence[str], checkpoints: Mapping[int, Path],
-               cfg: Mapping, out_root: Path) -> list[dict]:
+               cfg: Mapping, out_root: Path, trace_cache: Path | None = None) -> list[dict]:
     """Export the models of ``folds`` in ``formats``, each file checked against PyTorch on
-    real frames of its fold; the ONNX files of all folds share one trace."""
+    real frames of its fold; the ONNX files of all folds share one trace (read from and kept in
+    ``trace_cache``, when given)."""
     from pipeline.deploy.formats import OnnxExporter
     from pipeline.models.checkpoint import load_model
 
@@ -117,7 +122,7 @@ def export_job(folds: Sequence[int], formats: Sequence[str], checkpoints: Mappin
         log.info("fold %d: %s (%s, %d px) -> %s %s", fold, checkpoints[fold],
                  type(model).__name__, size, out_root / f"fold_{fold}", ", ".join(formats))
         if "onnx" in formats and onnx_exporter is None:
-            onnx_exporter = OnnxExporter(size, cfg["opset"])
+            onnx_exporter = OnnxExporter(size, cfg["opset"], trace_cache)
         images, labels = _frames(fold, cfg["parity_split"], size, cfg["parity_frames"])
         calibration = None
         if "tflite_int8_full" in formats:
@@ -141,43 +146,51 @@ def _worker_setup() -> None:
 
 
 def export_run(checkpoints: Mapping[int, Path], cfg: Mapping, out_root: Path,
-               all_formats: bool, meanwhile: Callable[[], T] | None = None
-               ) -> tuple[list[dict], T | None]:
-    """Every job of :func:`export_jobs`, in ``export.workers`` processes (1: in this one), and
-    ``meanwhile()`` in this process while the workers run (after the jobs, without workers).
+               all_formats: bool, trace_cache: Path | None = None,
+               meanwhile: Callable[[list[dict]], T] | None = None) -> tuple[list[dict], T | None]:
+    """Every job of :func:`export_jobs`: the first in this process, the others in up to
+    ``export.workers - 1`` worker processes started before it (in this one after it, with
+    ``export.workers: 1``). ``meanwhile`` gets the first job's records once it is done and runs
+    here while the workers finish.
 
     Returns:
         The records, ordered by fold, then format as in ``export.formats``; and what
         ``meanwhile`` returned (None without it).
     """
     jobs = export_jobs(list(checkpoints), cfg, all_formats)
-    workers = min(int(cfg["workers"]), len(jobs))
-    if workers <= 1:
-        records = [r for folds, formats in jobs
-                   for r in export_job(folds, formats, checkpoints, cfg, out_root)]
-        extra = meanwhile() if meanwhile else None
-    else:
-        import multiprocessing
-        from concurrent.futures import ProcessPoolExecutor
+    if not jobs:
+        return [], meanwhile([]) if meanwhile else None
+    (first_folds, first_formats), rest = jobs[0], jobs[1:]
+    workers = min(int(cfg["workers"]) - 1, len(rest))
+    with ExitStack() as stack:
+        futures = []
+        if workers > 0:
+            import multiprocessing
+            from concurrent.futures import ProcessPoolExecutor
 
-        # Spawned, not forked: the converters hold threads and state a fork would copy half-made.
-        with ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn"),
-                                 initializer=_worker_setup) as pool:
+            # Spawned, not forked: the converters hold threads and state a fork would copy half-made.
+            pool = stack.enter_context(ProcessPoolExecutor(
+                workers, mp_context=multiprocessing.get_context("spawn"),
+                initializer=_worker_setup))
             futures = [pool.submit(export_job, folds, formats, dict(checkpoints), dict(cfg),
-                                   out_root) for folds, formats in jobs]
-            extra = meanwhile() if meanwhile else None
-            records = [r for f in futures for r in f.result()]
+                                   out_root, trace_cache) for folds, formats in rest]
+        records = export_job(first_folds, first_formats, checkpoints, cfg, out_root, trace_cache)
+        extra = meanwhile(list(records)) if meanwhile else None
+        if workers > 0:
+            records += [r for f in futures for r in f.result()]
+        else:
+            records += [r for folds, formats in rest
+                        for r in export_job(folds, formats, checkpoints, cfg, out_root,
+                                            trace_cache)]
     order = list(cfg["formats"])
     return sorted(records, key=lambda r: (r["fold"], order.index(r["format"]))), extra
 
 
 def _logged_models(checkpoints: Mapping[int, Path], cfg: Mapping) -> dict[int, tuple]:
     """``{fold: (model, two parity frames)}`` of the chosen folds (:func:`chosen_folds`),
-    whose models go to MLflow; MLflow is imported too, so that logging them starts at once."""
-    from pipeline.core.tracking import import_mlflow
+    whose models go to MLflow."""
     from pipeline.models.checkpoint import load_model
 
-    import_mlflow()
     logged = {}
     for fold in chosen_folds(cfg, list(checkpoints)):
         model, ckpt = load_model(checkpoints[fold])
@@ -213,17 +226,24 @@ def main(argv: Sequence[str] | None = None) -> None:
         checkpoints = {k: checkpoints[k] for k in args.folds}
     # Beside, not inside, the train stage's output: DVC outputs must not overlap.
     out_root = Path(args.out_dir) if args.out_dir else Path("exports") / run_dir.name
-    records, logged = export_run(checkpoints, cfg, out_root, all_formats,
-                                 meanwhile=lambda: _logged_models(checkpoints, cfg))
+    from pipeline.core import review
+
+    def log_models(onnx_records: list[dict]) -> review.ResultLog:
+        """The chosen folds' PyTorch and ONNX models to MLflow, while TFLite jobs run."""
+        results = review.ResultLog(params, "export")
+        review.log_export_models(results, run_dir.name, onnx_records,
+                                 _logged_models(checkpoints, cfg), run_dir.parent)
+        return results
+
+    records, results = export_run(checkpoints, cfg, out_root, all_formats, TRACE_CACHE,
+                                  meanwhile=log_models)
     summary = {"run": run_dir.name, "passed": all(r["passed"] for r in records),
                "n_files": len(records), "per_format": summarize(records), "records": records}
     out_root.mkdir(parents=True, exist_ok=True)
     (out_root / "parity.json").write_text(json.dumps(summary, indent=2) + "\n")
     log.info("wrote %s (%d files, %s)", out_root / "parity.json", len(records),
              "all within tolerance" if summary["passed"] else "SOME FAILED")
-    from pipeline.core.review import log_export
-
-    log_export(params, run_dir.name, summary, logged, run_dir.parent)
+    review.log_export(results, run_dir.name, summary, run_dir.parent)
     check_parity(records)
 
 
