@@ -7,7 +7,6 @@ import contextlib
 import hashlib
 import os
 import shutil
-import socket
 import subprocess
 import sys
 from collections.abc import Iterator
@@ -227,13 +226,6 @@ def mlflow_state() -> Iterator[None]:
     while mlflow.active_run():
         mlflow.end_run()
     mlflow.set_tracking_uri(None)
-
-
-def closed_port() -> int:
-    """A TCP port of 127.0.0.1 that nothing listens on (free when returned)."""
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 # --- a copy of the project on the real-data subset ------------------------------------------------

@@ -19,6 +19,7 @@ import yaml
 from torch import nn
 
 from pipeline.core.config import compose
+from pipeline.core.tracking import free_port
 from pipeline.deploy import edge_runner, formats
 from pipeline.models import complexity
 from pipeline.stages import benchmark
@@ -155,12 +156,6 @@ def test_main_writes_the_report(exported, tmp_path, monkeypatch):
 
 
 # ------------------------------------------------------------------------- SSH remote
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.fixture(scope="module")
 def sshd(tmp_path_factory):
     """An sshd on 127.0.0.1:<free port> with a throwaway host key, accepting one throwaway user
@@ -179,7 +174,7 @@ def sshd(tmp_path_factory):
     os.chmod(d / "authorized_keys", 0o600)
     if os.geteuid() == 0:
         Path("/run/sshd").mkdir(mode=0o755, exist_ok=True)  # sshd's privilege-separation dir
-    port = _free_port()
+    port = free_port()
     (d / "sshd_config").write_text(f"""\
 Port {port}
 ListenAddress 127.0.0.1

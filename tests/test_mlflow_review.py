@@ -27,8 +27,8 @@ import numpy as np
 import pytest
 import yaml
 
-from pipeline.core.tracking import TrackingError, wait_for_server
-from tests.conftest import build_project, closed_port, make_tiny_project, run
+from pipeline.core.tracking import TrackingError, free_port, wait_for_server
+from tests.conftest import build_project, make_tiny_project, run
 
 pytestmark = pytest.mark.usefixtures("mlflow_state")
 
@@ -86,7 +86,7 @@ def test_evaluate_adds_intervals_to_the_training_runs(trained, caplog):
 
 
 def test_evaluate_says_once_that_tracking_is_unreachable(trained, caplog):
-    warned = evaluate(*trained, caplog, uri=f"http://127.0.0.1:{closed_port()}")
+    warned = evaluate(*trained, caplog, uri=f"http://127.0.0.1:{free_port()}")
     assert len(warned) == 1 and "tracking SKIPPED" in warned[0], warned
 
 
@@ -103,7 +103,7 @@ def test_evaluate_says_once_that_no_training_run_is_there(trained, caplog, tmp_p
 def server(tmp_path_factory):
     """``mlflow server`` on 127.0.0.1:<free port>; yields its URI, stopped afterwards."""
     root = tmp_path_factory.mktemp("mlflow_server")
-    port = closed_port()  # free now, the server's next
+    port = free_port()  # free now, the server's next
     mlflow_bin = Path(sys.executable).parent / "mlflow"
     proc = subprocess.Popen(
         [str(mlflow_bin), "server", "--backend-store-uri", f"sqlite:///{root / 'mlflow.db'}",

@@ -21,9 +21,8 @@ import pytest
 import yaml
 
 from pipeline.core.config import compose
-from pipeline.core.tracking import TrackingError
-from tests.conftest import (PROJECT_ROOT, TRAIN_CMD, closed_port, make_tiny_project,
-                            project_env)
+from pipeline.core.tracking import TrackingError, free_port
+from tests.conftest import PROJECT_ROOT, TRAIN_CMD, make_tiny_project, project_env
 
 pytestmark = pytest.mark.usefixtures("mlflow_state")
 
@@ -73,7 +72,7 @@ def train(project: Path, params: dict, monkeypatch, folds: list[int]) -> dict:
 
 
 def _store(kind: str, tmp_path: Path) -> str:
-    return (f"http://127.0.0.1:{closed_port()}" if kind == "unreachable"
+    return (f"http://127.0.0.1:{free_port()}" if kind == "unreachable"
             else read_only_sqlite(tmp_path))
 
 
@@ -117,7 +116,7 @@ def test_unreachable_server_costs_seconds_and_says_so_once(tmp_path, monkeypatch
                                                            mlflow_http_defaults):
     """The default config (conf/config.yaml) and a server that is down: tracking is given up
     within seconds of the start, said once with the reason, and training goes on."""
-    uri = f"http://127.0.0.1:{closed_port()}"
+    uri = f"http://127.0.0.1:{free_port()}"
     params = make_tiny_project(tmp_path, epochs=1, tracking_uri=uri)
     started = time.time()
     with caplog.at_level(logging.WARNING):
@@ -138,7 +137,7 @@ def test_unreachable_server_costs_seconds_and_says_so_once(tmp_path, monkeypatch
 def test_required_but_unreachable_is_one_error_line(tmp_path):
     """``python -m pipeline.stages.train`` with tracking.required and the server down: exit 2, one
     ``error:`` line naming the URI, the key and the fix, no traceback, no training."""
-    uri = f"http://127.0.0.1:{closed_port()}"
+    uri = f"http://127.0.0.1:{free_port()}"
     make_tiny_project(tmp_path, epochs=1, tracking_uri=uri, required=True)
     env = {k: v for k, v in project_env().items() if not k.startswith("MLFLOW_HTTP_REQUEST")}
     started = time.monotonic()

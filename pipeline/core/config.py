@@ -140,6 +140,13 @@ def select_run(params: Mapping, model: str, loss: str) -> tuple[dict, dict]:
     return dict(models[model]), dict(losses[loss])
 
 
+def grid_cells(params: Mapping, losses: Sequence[str] | None = None) -> list[str]:
+    """The grid's cells ``<model>-<loss>``, model by model: ``grid.models`` x ``grid.losses``
+    (x ``losses`` when given)."""
+    losses = get(params, "grid.losses") if losses is None else losses
+    return [f"{model}-{loss}" for model in get(params, "grid.models") for loss in losses]
+
+
 def main_repo_root(start: str | Path | None = None) -> Path:
     """The user's checkout: the working directory (``start``), where DVC runs every stage, or
     the checkout that holds it when that is a ``dvc exp run --temp/--queue`` workspace.

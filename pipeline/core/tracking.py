@@ -92,6 +92,14 @@ def probe(uri: str, timeout_s: float | None) -> None:
                               f"({why})") from exc
 
 
+def free_port() -> int:
+    """A TCP port of 127.0.0.1 that nothing listens on (free when returned): where to start a
+    local server."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
 def wait_for_server(url: str, proc: subprocess.Popen | None = None,
                     timeout_s: float = 120) -> None:
     """Return once the MLflow server (or UI) at ``url`` answers ``/health``.

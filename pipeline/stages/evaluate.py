@@ -12,13 +12,13 @@ from __future__ import annotations
 
 import json
 import logging
-from collections.abc import Mapping, Sequence
+from collections.abc import Sequence
 from pathlib import Path
 
 import pandas as pd
 from sklearn.metrics import roc_curve
 
-from pipeline.core.config import get, load_params
+from pipeline.core.config import get, grid_cells, load_params
 from pipeline.evaluation.aggregation import aggregate_videos
 from pipeline.evaluation.bootstrap import patient_bootstrap
 from pipeline.evaluation.bootstrap_figures import Accuracy
@@ -26,10 +26,6 @@ from pipeline.evaluation.classification import summarize_folds
 from pipeline.evaluation.comparisons import mcnemar_test, paired_bootstrap_difference
 
 log = logging.getLogger("pipeline.stages.evaluate")
-
-
-def cells(params: Mapping) -> list[str]:
-    return [f"{m}-{l}" for m in get(params, "grid.models") for l in get(params, "grid.losses")]
 
 
 def evaluate_cell(preds: pd.DataFrame, classes: Sequence[str], n_boot: int, ci: float,
@@ -77,7 +73,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     for kind in ("confusion", "roc"):
         (out / "plots" / kind).mkdir(parents=True, exist_ok=True)
     preds: dict[str, pd.DataFrame] = {}
-    for cell in cells(params):
+    for cell in grid_cells(params):
         path = Path("models") / cell / "predictions.csv"
         if not path.is_file():
             raise FileNotFoundError(f"{path} missing: train stage for {cell} has not run (dvc repro)")

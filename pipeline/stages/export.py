@@ -49,9 +49,11 @@ def export_config(params: Mapping) -> dict:
 def benchmarked(params: Mapping, run: str) -> bool:
     """False for a grid run of a loss other than the grid's first, which the benchmark never
     times (it times ``<model>-<first loss>``, as ``dvc.yaml`` says); True for any other run."""
-    grid = params.get("grid") or {}
-    others = {f"{m}-{loss}" for m in grid.get("models", []) for loss in grid.get("losses", [])[1:]}
-    return run not in others
+    from pipeline.core.config import get, grid_cells
+
+    if "grid" not in params:
+        return True
+    return run not in grid_cells(params, get(params, "grid.losses")[1:])
 
 
 def chosen_folds(cfg: Mapping, folds: Sequence[int]) -> list[int]:

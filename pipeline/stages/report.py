@@ -21,7 +21,7 @@ import numpy as np  # noqa: E402
 import pandas as pd  # noqa: E402
 import yaml  # noqa: E402
 
-from pipeline.core.config import get, load_params  # noqa: E402
+from pipeline.core.config import get, grid_cells, load_params  # noqa: E402
 from pipeline.core.tracking import git_revision  # noqa: E402
 
 log = logging.getLogger("pipeline.stages.report")
@@ -574,7 +574,7 @@ def gradcam_figures(cells: Sequence[str], fig_dir: Path, frames_dir: Path
 def main(argv: Sequence[str] | None = None) -> None:
     params = load_params()
     out = Path(get(params, "report.dir"))
-    cells = [f"{m}-{l}" for m in get(params, "grid.models") for l in get(params, "grid.losses")]
+    cells = grid_cells(params)
     evaluation = json.loads((out / "evaluation.json").read_text())
     runs = load_runs(cells, Path("models"), params)
     pub_file = Path("data/published") / f"{get(params, 'dataset.name')}.yaml"

@@ -89,11 +89,12 @@ def validation_quota(n_groups: int, fraction: float) -> int:
 def share_gap(class_frames: pd.DataFrame, val: set[str]) -> float:
     """Largest difference, over classes, between a class's share of the validation frames and
     its share of the remaining training frames (``class_frames``: groups x classes)."""
+    counts = class_frames.to_numpy()
     is_val = class_frames.index.isin(list(val))
-    v, t = class_frames[is_val].sum(), class_frames[~is_val].sum()
+    v, t = counts[is_val].sum(axis=0), counts[~is_val].sum(axis=0)
     if v.sum() == 0 or t.sum() == 0:
         return 1.0
-    return float((v / v.sum() - t / t.sum()).abs().max())
+    return float(np.abs(v / v.sum() - t / t.sum()).max())
 
 
 def carve_validation(frames: pd.DataFrame, train_groups: Sequence[str], fraction: float,
