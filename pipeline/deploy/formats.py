@@ -23,12 +23,16 @@ ones), then the stage fails naming each file over its tolerance.
 
 from __future__ import annotations
 
+import hashlib
+import inspect
+import json
 import logging
 import os
 import tempfile
 import time
 import warnings
 from collections.abc import Mapping, Sequence
+from importlib.metadata import version
 from pathlib import Path
 
 import numpy as np
@@ -185,11 +189,6 @@ def trace_key(model: nn.Module, image_size: int, opset: int | None) -> str:
     names, shapes and dtypes of its tensors, the source files of its module classes, the input
     size, the opset and the versions of torch and the ONNX packages. The weights' values are not
     in it: :class:`OnnxExporter` writes those into the graph for every file."""
-    import hashlib
-    import inspect
-    import json
-    from importlib.metadata import version
-
     sources = sorted({inspect.getsourcefile(type(m)) or "" for m in model.modules()} - {""})
     parts = [repr(model), int(image_size), opset,
              [(name, list(t.shape), str(t.dtype)) for name, t in model.state_dict().items()],
@@ -292,10 +291,12 @@ def export_tflite(model: nn.Module, path: str | Path, image_size: int, precision
 @torch.no_grad()
 def torch_logits(model: nn.Module, images: torch.Tensor | np.ndarray,
                  batch_size: int = 16) -> np.ndarray:
-    """PyTorch outputs of the model (eval mode, CPU) for float images in [0, 1]."""
+    """PyTorch outputs of the model (eval mode, CPU) for float images in [0, 1], as float32
+    (also when called under an autocast context)."""
     x = torch.as_tensor(np.asarray(images, dtype=np.float32))
     model = model.eval()
-    return torch.cat([model(x[i:i + batch_size]) for i in range(0, len(x), batch_size)]).numpy()
+    return torch.cat([model(x[i:i + batch_size]).float()
+                      for i in range(0, len(x), batch_size)]).numpy()
 
 
 def compare_outputs(reference: np.ndarray, output: np.ndarray,

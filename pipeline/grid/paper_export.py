@@ -70,7 +70,7 @@ def bf16_check(params: dict, cell: str, out: Path) -> None:
     import torch
 
     from pipeline.data.loading import load_split_images
-    from pipeline.deploy.formats import compare_outputs
+    from pipeline.deploy.formats import compare_outputs, torch_logits
     from pipeline.models.checkpoint import fold_checkpoints, load_model
 
     records = []
@@ -81,9 +81,8 @@ def bf16_check(params: dict, cell: str, out: Path) -> None:
         x = images.float().div(255)
         logits = {}
         for name, bf16 in (("float32", False), ("bf16", True)):
-            with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
-                logits[name] = torch.cat([model(x[i:i + 32]).float()
-                                          for i in range(0, len(x), 32)]).numpy()
+            with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
+                logits[name] = torch_logits(model, x, batch_size=32)
         result = compare_outputs(logits["float32"], logits["bf16"], labels.numpy())
         records.append({"fold": fold, "format": "torch_bf16_autocast",
                         "n_frames": result.pop("n"), **result, "size_bytes": None,
